@@ -1,0 +1,181 @@
+"""MNIST (and an offline stand-in) as uint8 tensors, batched on the training device.
+
+A split is one (N, 28, 28) uint8 image tensor and one (N,) int64 label tensor.
+MNIST is small enough to live on the device whole, so batches are made by
+indexing with a random permutation and augmented per batch on the device: no
+DataLoader workers, no per-sample PIL conversion (the airbench recipe).
+"""
+
+from __future__ import annotations
+
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+IMAGE_SIZE = 28
+# Mean and standard deviation of MNIST's training pixels, scaled to [0, 1].
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+DATASETS = ("mnist", "digits")
+
+
+class DataError(RuntimeError):
+    """A data set cannot be loaded; the message says why and what to do."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor  # (N, 28, 28) uint8, white digit on black as in MNIST
+    labels: torch.Tensor  # (N,) int64 digit
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def to(self, device: torch.device | str) -> Split:
+        return Split(self.images.to(device), self.labels.to(device))
+
+
+@dataclass
+class Splits:
+    train: Split
+    val: Split
+    test: Split
+
+
+def load_splits(dataset: str, data_dir: str | Path, val_size: int, split_seed: int = 0) -> Splits:
+    """Train/validation/test splits of `dataset`; validation is held out from train."""
+    if dataset == "mnist":
+        train, test = load_mnist(data_dir)
+    elif dataset == "digits":
+        train, test = load_sklearn_digits()
+    else:
+        raise DataError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+    if not 0 < val_size < len(train):
+        raise DataError(f"--val-size must be between 1 and {len(train) - 1} for {dataset}, got {val_size}")
+    # A fixed split seed keeps the validation images the same whatever the training seed.
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(split_seed))
+    val_idx, train_idx = order[:val_size], order[val_size:]
+    return Splits(
+        train=Split(train.images[train_idx], train.labels[train_idx]),
+        val=Split(train.images[val_idx], train.labels[val_idx]),
+        test=test,
+    )
+
+
+def load_mnist(data_dir: str | Path) -> tuple[Split, Split]:
+    """MNIST's 60,000 training and 10,000 test images via torchvision, downloading when missing."""
+    from torchvision.datasets import MNIST  # imported here: the offline data set does not need it
+
+    root = Path(data_dir)
+    raw = root / "MNIST" / "raw"
+    try:
+        splits = [MNIST(str(root), train=train, download=True) for train in (True, False)]
+    except (urllib.error.URLError, OSError, RuntimeError) as error:
+        missing = [name for name in MNIST_FILES if not (raw / name).exists()]
+        if not missing:
+            raise DataError(f"could not read MNIST in {raw}: {error}; delete the folder to download it afresh") from error
+        raise DataError(
+            f"MNIST is not in {raw} and could not be downloaded ({type(error).__name__}); "
+            f"put the files {', '.join(MNIST_FILES)} there, or run offline with --dataset digits"
+        ) from error
+    return tuple(Split(s.data.clone(), s.targets.clone()) for s in splits)
+
+
+def load_sklearn_digits(test_size: int = 360) -> tuple[Split, Split]:
+    """scikit-learn's bundled 1,797 handwritten 8x8 digits, scaled to look like MNIST."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
+    # MNIST digits fill a 20x20 box centred in 28x28.
+    images = F.interpolate(images, size=(20, 20), mode="bilinear", align_corners=False)
+    images = F.pad(images, (4, 4, 4, 4))[:, 0]
+    images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    labels = torch.tensor(digits.target, dtype=torch.int64)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    test_idx, train_idx = order[:test_size], order[test_size:]
+    return Split(images[train_idx], labels[train_idx]), Split(images[test_idx], labels[test_idx])
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float (N, 1, 28, 28) with MNIST's mean and std."""
+    return ((images.float() / 255.0 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
+
+
+def random_translate(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Shift each (N, H, W) image by its own random offset of up to `max_shift` pixels, zero-filled."""
+    if max_shift == 0:
+        return images
+    n, h, w = images.shape
+    padded = F.pad(images, (max_shift,) * 4)
+    shifts = torch.randint(0, 2 * max_shift + 1, (2, n, 1), device=images.device, generator=generator)
+    rows = (shifts[0] + torch.arange(h, device=images.device))[:, :, None]  # (N, H, 1)
+    cols = (shifts[1] + torch.arange(w, device=images.device))[:, None, :]  # (N, 1, W)
+    return padded[torch.arange(n, device=images.device)[:, None, None], rows, cols]
+
+
+def batches(split: Split, batch_size: int, generator: torch.Generator | None = None):
+    """Yield (images, labels) batches; shuffled and only full batches when a generator is given."""
+    n = len(split)
+    if generator is None:
+        for start in range(0, n, batch_size):
+            yield split.images[start : start + batch_size], split.labels[start : start + batch_size]
+        return
+    order = torch.randperm(n, device=split.images.device, generator=generator)
+    for start in range(0, n - batch_size + 1, batch_size):
+        idx = order[start : start + batch_size]
+        yield split.images[idx], split.labels[idx]
+
+
+def to_mnist_style(image) -> torch.Tensor:
+    """A PIL image of a digit, dark on light or light on dark, any size and mode ->
+    (28, 28) uint8 as MNIST was made: white ink on black, the ink fitted into
+    20x20 keeping its aspect ratio and centred by its centre of mass."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # Transparent pixels are paper: composite onto white.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        pixels = np.asarray(image, dtype=np.float64)
+        pixels = pixels / 257.0 if pixels.max() > 255 else pixels  # 16-bit -> 8-bit range
+    else:
+        pixels = np.asarray(image.convert("L"), dtype=np.float64)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    if np.median(border) > 127:  # light paper: make the ink the bright part, as in MNIST
+        pixels = 255.0 - pixels
+    background = np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]))
+    contrast = pixels.max() - background
+    if contrast < 32:
+        raise ValueError("no digit found: the picture is blank or has too little contrast")
+    ink = np.clip((pixels - background) / contrast, 0.0, 1.0)
+
+    rows, cols = np.nonzero(ink > 0.2)
+    ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    height, width = ink.shape
+    scale = 20.0 / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    digit = np.asarray(Image.fromarray((ink * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS), dtype=np.float64)
+
+    canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE))
+    total = digit.sum()
+    if total == 0:
+        raise ValueError("no digit found: the ink vanished when scaled to 20x20")
+    grid_rows, grid_cols = np.indices(digit.shape)
+    com_row, com_col = (grid_rows * digit).sum() / total, (grid_cols * digit).sum() / total
+    top = int(np.clip(round(IMAGE_SIZE / 2 - com_row), 0, IMAGE_SIZE - digit.shape[0]))
+    left = int(np.clip(round(IMAGE_SIZE / 2 - com_col), 0, IMAGE_SIZE - digit.shape[1]))
+    canvas[top : top + digit.shape[0], left : left + digit.shape[1]] = digit
+    return torch.from_numpy(canvas.clip(0, 255).round().astype(np.uint8))

@@ -1,0 +1,63 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clip import CLIP, MAX_LOGIT_SCALE, CLIPConfig, clip_loss
+
+SMALL = CLIPConfig(image_widths=(8, 16), image_blocks_per_stage=1, text_hidden_dim=16, embed_dim=12)
+
+
+def classic_clip_loss(logits: torch.Tensor) -> torch.Tensor:
+    target = torch.arange(len(logits))
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def test_embeddings_have_the_shared_size_and_unit_norm():
+    model = CLIP(SMALL)
+    images = torch.randn(5, 1, 28, 28)
+    tokens = model.class_tokens("cpu")
+    image_features, text_features = model.encode_image(images), model.encode_text(tokens)
+    assert image_features.shape == (5, 12) and text_features.shape == (10, 12)
+    assert torch.allclose(image_features.norm(dim=1), torch.ones(5), atol=1e-5)
+    assert torch.allclose(text_features.norm(dim=1), torch.ones(10), atol=1e-5)
+    assert model(images, tokens[:5]).shape == (5, 5)
+
+
+def test_loss_is_classic_clip_loss_when_labels_are_distinct():
+    torch.manual_seed(0)
+    logits = torch.randn(10, 10) * 3
+    labels = torch.randperm(10)
+    assert torch.allclose(clip_loss(logits, labels), classic_clip_loss(logits), atol=1e-6)
+
+
+def test_loss_counts_same_digit_pairs_as_positives():
+    labels = torch.tensor([3, 3, 7, 7, 1])
+    same_digit = (labels[:, None] == labels[None, :]).float()
+    # Every image scores high with every caption of its own digit: the ideal for this batch.
+    logits = (10 * same_digit).requires_grad_()
+    clip_loss(logits, labels).backward()
+    assert logits.grad.abs().max() < 1e-3  # nothing left to learn
+    classic = logits.detach().clone().requires_grad_()
+    classic_clip_loss(classic).backward()
+    assert classic.grad.abs().max() > 0.1  # the classic target pushes same-digit pairs apart
+
+
+def test_loss_is_near_zero_when_matched_and_near_log_batch_when_random():
+    torch.manual_seed(0)
+    features = F.normalize(torch.randn(16, 32), dim=1)
+    labels = torch.arange(16)
+    assert clip_loss(100 * features @ features.T, labels) < 0.05
+    random_logits = F.normalize(torch.randn(16, 32), dim=1) @ features.T
+    assert abs(clip_loss(random_logits, labels).item() - math.log(16)) < 0.3
+
+
+def test_logit_scale_starts_at_clip_value_and_is_clamped_at_100():
+    model = CLIP(SMALL)
+    assert math.isclose(model.logit_scale.exp().item(), 1 / 0.07, rel_tol=1e-5)
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    model.clamp_logit_scale()
+    assert math.isclose(model.logit_scale.exp().item(), 100.0, rel_tol=1e-5)
+    assert model.logit_scale.item() == pytest.approx(MAX_LOGIT_SCALE)

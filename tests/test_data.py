@@ -1,0 +1,89 @@
+import struct
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from dataset import MNIST_FILES, DataError, load_mnist, load_splits, random_translate, to_mnist_style
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An uncompressed IDX file as MNIST ships it: magic (0, 0, uint8 code, ndim), sizes, data."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_tiny_mnist(root: Path, n_train: int = 40, n_test: int = 20) -> None:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
+
+
+def test_torchvision_loader_reads_idx_files_in_torchvision_layout(tmp_path):
+    write_tiny_mnist(tmp_path)
+    train, test = load_mnist(tmp_path)
+    assert train.images.shape == (40, 28, 28) and train.images.dtype == torch.uint8
+    assert test.labels.tolist() == [i % 10 for i in range(20)]
+    splits = load_splits("mnist", tmp_path, val_size=10)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (30, 10, 20)
+
+
+def test_missing_mnist_without_network_names_folder_files_and_offline_option(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr("torchvision.datasets.mnist.download_and_extract_archive", no_network)
+    with pytest.raises(DataError) as error:
+        load_mnist(tmp_path / "empty")
+    message = str(error.value)
+    assert str(tmp_path / "empty" / "MNIST" / "raw") in message
+    assert all(name in message for name in MNIST_FILES)
+    assert "--dataset digits" in message and "\n" not in message
+
+
+def test_offline_digits_look_like_mnist_and_splits_are_disjoint():
+    splits = load_splits("digits", "unused", val_size=300)
+    assert splits.train.images.shape[1:] == (28, 28) and splits.train.images.dtype == torch.uint8
+    assert len(splits.train) + len(splits.val) + len(splits.test) == 1797
+    # The 4-pixel border of MNIST-style images is empty.
+    assert splits.test.images[:, :4].max() == 0 and splits.test.images[:, :, -4:].max() == 0
+    assert set(splits.test.labels.tolist()) == set(range(10))
+
+
+def test_random_translate_moves_each_image_by_at_most_max_shift():
+    image = torch.zeros(28, 28, dtype=torch.uint8)
+    image[14, 14] = 255
+    shifted = random_translate(image.expand(64, 28, 28), 2, torch.Generator().manual_seed(0))
+    positions = [divmod(int(s.flatten().argmax()), 28) for s in shifted]
+    assert all(abs(r - 14) <= 2 and abs(c - 14) <= 2 for r, c in positions)
+    assert len(set(positions)) > 5
+    assert (shifted.flatten(1).max(dim=1).values == 255).all()  # nothing pushed out of the frame
+
+
+@pytest.mark.parametrize(
+    "size, mode, ink, paper", [((300, 200), "RGB", (20, 20, 80), (250, 245, 230)), ((64, 90), "L", 0, 255), ((40, 40), "L", 255, 0)]
+)
+def test_user_pictures_become_mnist_style(size, mode, ink, paper):
+    image = Image.new(mode, size, paper)
+    draw = ImageDraw.Draw(image)
+    w, h = size
+    draw.line([(w * 0.3, h * 0.2), (w * 0.45, h * 0.85)], fill=ink, width=max(2, w // 15))  # a slanted "1"
+    digit = to_mnist_style(image).float()
+    assert digit.shape == (28, 28)
+    assert digit.max() == 255 and digit[0].max() == 0  # bright ink on a black background
+    rows, cols = torch.nonzero(digit > 50, as_tuple=True)
+    assert rows.max() - rows.min() <= 20 and cols.max() - cols.min() <= 20  # fits MNIST's 20x20 box
+    grid = torch.arange(28.0)
+    assert abs((digit.sum(1) * grid).sum() / digit.sum() - 14) <= 1  # centred by centre of mass
+    assert abs((digit.sum(0) * grid).sum() / digit.sum() - 14) <= 1
+
+
+def test_blank_picture_is_refused_with_a_reason():
+    with pytest.raises(ValueError, match="no digit"):
+        to_mnist_style(Image.new("RGB", (50, 50), "white"))

@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import inference
+import train
+from utils import load_checkpoint, save_checkpoint
+
+TINY = ["--dataset", "digits", "--image-widths", "8,16", "--embed-dim", "16", "--batch-size", "128", "--log-interval", "2"]
+
+
+def test_train_then_inference_end_to_end(runs_dir: Path, tmp_path: Path, capsys):
+    result = train.main([*TINY, "--epochs", "1", "--runs-dir", str(runs_dir), "--run-name", "e2e"])
+    run_dir = runs_dir / "e2e"
+    assert result["run_dir"] == run_dir
+    assert {"best.pt", "last.pt"} <= {p.name for p in run_dir.iterdir()}
+    assert any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir())
+
+    picture = Image.new("RGB", (120, 160), "white")
+    ImageDraw.Draw(picture).ellipse((30, 30, 90, 130), outline="black", width=10)  # a "0"
+    picture.save(tmp_path / "zero.png")
+    out = inference.main(["--runs-dir", str(runs_dir), "--text", "3"])  # newest run's best.pt
+    assert 0 <= out["accuracy"] <= 1
+    assert out["queries"][0]["figure"].is_file() and (run_dir / "text_retrieval_3.png").is_file()
+    out = inference.main(["--checkpoint", str(run_dir / "best.pt"), "--image", str(tmp_path / "zero.png")])
+    assert out["queries"][0]["predicted"] in range(10)
+    printed = capsys.readouterr().out
+    assert "zero-shot accuracy on the 360 test images" in printed and "zero.png: predicted" in printed
+
+
+def test_seeded_training_on_offline_digits_reaches_90_percent(runs_dir: Path):
+    result = train.main(["--dataset", "digits", "--epochs", "8", "--batch-size", "128", "--seed", "0", "--runs-dir", str(runs_dir)])
+    assert result["test_accuracy"] >= 0.90
+
+
+def test_a_new_run_never_overwrites_an_earlier_one(runs_dir: Path):
+    first = train.main([*TINY, "--dry-run", "--runs-dir", str(runs_dir)])["run_dir"]
+    second = train.main([*TINY, "--dry-run", "--runs-dir", str(runs_dir)])["run_dir"]
+    assert first != second
+    with pytest.raises(SystemExit, match="already exists"):
+        train.main([*TINY, "--dry-run", "--runs-dir", str(runs_dir), "--run-name", first.name])
+
+
+def test_checkpoint_round_trip_is_exact(runs_dir: Path, tmp_path: Path):
+    train.main([*TINY, "--dry-run", "--runs-dir", str(runs_dir), "--run-name", "rt"])
+    state = load_checkpoint(runs_dir / "rt" / "last.pt")
+    save_checkpoint(state, tmp_path / "copy.pt")
+    copy = load_checkpoint(tmp_path / "copy.pt")
+    assert copy.keys() == state.keys()
+    for key in ("model", "optimizer"):
+        flat, flat_copy = flatten(state[key]), flatten(copy[key])
+        assert flat.keys() == flat_copy.keys() and len(flat) > 10
+        for name, value in flat.items():
+            assert torch.equal(value, flat_copy[name]), name
+    assert copy["config"] == state["config"] and copy["history"] == state["history"]
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    """Every tensor in a nested state dict, by its path."""
+    if isinstance(tree, torch.Tensor):
+        return {prefix: tree}
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else []
+    return {k: v for key, sub in items for k, v in flatten(sub, f"{prefix}/{key}").items()}
+
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--batch-size", "-4"), ("--lr", "0"), ("--dataset", "cifar")])
+def test_invalid_arguments_are_refused_with_usage(flag: str, value: str, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.parse_args([flag, value])
+    assert exit_info.value.code == 2
+    assert "usage:" in capsys.readouterr().err

@@ -1,0 +1,251 @@
+"""Train CLIP on MNIST: python train.py [--help]
+
+Images and their digit captions are embedded by clip.py's two encoders and
+trained with the symmetric InfoNCE loss. Each epoch ends with zero-shot
+accuracy on a validation split held out from the training images; best.pt
+keeps the epoch that scored best there, and only that model is scored on the
+test split. Everything lands in runs/<run-name>/ (TensorBoard logs, last.pt,
+best.pt).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from clip import CLIP, CLIPConfig, clip_loss
+from dataset import DATASETS, DataError, batches, load_splits, normalize, random_translate
+from utils import (
+    RUNS_DIR,
+    CheckpointError,
+    autocast,
+    latest_run,
+    load_checkpoint,
+    pick_device,
+    save_checkpoint,
+    seed_everything,
+    zero_shot_accuracy,
+)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(positive_int(part) for part in text.split(","))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers such as 16,32,64, got {text}") from None
+    return values
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    defaults = CLIPConfig()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--epochs", type=positive_int, default=16, help="passes over the training split")
+    p.add_argument("--batch-size", type=positive_int, default=512, help="image-text pairs per step")
+    p.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate of the one-cycle schedule")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW weight decay on weight matrices and kernels")
+    p.add_argument("--max-shift", type=int, default=2, help="random translation of training images, in pixels")
+    p.add_argument("--seed", type=int, default=0, help="random seed of initialisation, data order and augmentation")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to train")
+    p.add_argument("--no-amp", dest="amp", action="store_false", help="train in fp32 instead of bf16 mixed precision")
+    p.add_argument("--dataset", choices=DATASETS, default="mnist", help="mnist, or digits (scikit-learn's, offline)")
+    p.add_argument("--data-dir", default="data", help="folder that holds (or receives) MNIST")
+    p.add_argument(
+        "--val-size",
+        type=positive_int,
+        default=None,
+        help="validation images held out from train (default: 5000 for mnist, 300 for digits)",
+    )
+    p.add_argument(
+        "--image-widths", type=int_tuple, default=defaults.image_widths, help="channels of the stem and of each downsampling stage"
+    )
+    p.add_argument("--blocks-per-stage", type=positive_int, default=defaults.image_blocks_per_stage, help="residual blocks per stage")
+    p.add_argument("--embed-dim", type=positive_int, default=defaults.embed_dim, help="size of the shared embedding space")
+    p.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="where runs are written")
+    p.add_argument("--run-name", default=None, help="name of the run folder (default: dataset and time)")
+    p.add_argument("--resume", default=None, help="continue from a last.pt checkpoint, or 'latest'")
+    p.add_argument("--log-interval", type=positive_int, default=20, help="steps between loss logs")
+    p.add_argument("--dry-run", action="store_true", help="check the pipeline: one epoch of two steps")
+    args = p.parse_args(argv)
+    if args.max_shift < 0:
+        p.error(f"argument --max-shift: must be zero or positive, got {args.max_shift}")
+    if args.val_size is None:
+        args.val_size = 5000 if args.dataset == "mnist" else 300
+    try:
+        args.device = pick_device(args.device)
+    except ValueError as error:
+        p.error(str(error))
+    return args
+
+
+def new_run_dir(runs_dir: Path, run_name: str | None, dataset: str) -> Path:
+    """A fresh run folder: an earlier run is never overwritten."""
+    if run_name is not None:
+        run_dir = runs_dir / run_name
+        if run_dir.exists():
+            raise SystemExit(
+                f"error: {run_dir} already exists: choose another --run-name, or continue it with --resume {run_dir / 'last.pt'}"
+            )
+        return run_dir
+    stem = f"{dataset}-{datetime.now():%Y%m%d-%H%M%S}"
+    run_dir, suffix = runs_dir / stem, 1
+    while run_dir.exists():
+        run_dir, suffix = runs_dir / f"{stem}-{suffix}", suffix + 1
+    return run_dir
+
+
+def param_groups(model: CLIP, weight_decay: float) -> list[dict]:
+    # Decay only weight matrices and kernels, never norms, biases or the temperature.
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = args.device
+    seed_everything(args.seed)
+
+    resume_state = None
+    if args.resume is not None:
+        resume_path = latest_run(args.runs_dir, "last.pt") if args.resume == "latest" else Path(args.resume)
+        resume_state = load_checkpoint(resume_path, device)
+        args.run_name = resume_path.parent.name
+        run_dir = resume_path.parent
+    else:
+        run_dir = new_run_dir(args.runs_dir, args.run_name, args.dataset)
+
+    try:
+        splits = load_splits(args.dataset, args.data_dir, args.val_size)
+    except DataError as error:
+        raise SystemExit(f"error: {error}") from None
+    train_split, val_split, test_split = splits.train.to(device), splits.val.to(device), splits.test.to(device)
+
+    config = CLIPConfig(image_widths=args.image_widths, image_blocks_per_stage=args.blocks_per_stage, embed_dim=args.embed_dim)
+    model = CLIP(config).to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
+    steps_per_epoch = 2 if args.dry_run else len(train_split) // args.batch_size
+    epochs = 1 if args.dry_run else args.epochs
+    if steps_per_epoch == 0:
+        raise SystemExit(f"error: --batch-size {args.batch_size} exceeds the {len(train_split)} training images: lower it")
+    total_steps = epochs * steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps, pct_start=0.25)
+
+    step, best_accuracy, history = 0, -1.0, []
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        step, best_accuracy, history = resume_state["step"], resume_state["best_accuracy"], resume_state["history"]
+
+    def checkpoint(path: Path, epoch: int) -> None:
+        save_checkpoint(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "config": config.to_dict(),
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "dataset": args.dataset,
+                "step": step,
+                "epoch": epoch,
+                "best_accuracy": best_accuracy,
+                "history": history,
+            },
+            path,
+        )
+
+    writer = SummaryWriter(str(run_dir))
+    print(
+        f"training on {device} ({'bf16 mixed precision' if args.amp else 'fp32'}), {sum(p.numel() for p in model.parameters()):,} parameters, run folder {run_dir}"
+    )
+    class_tokens = model.class_tokens(device)
+    augment_generator = torch.Generator(device).manual_seed(args.seed)
+    start_time = time.perf_counter()
+    for epoch in range(step // steps_per_epoch, epochs):
+        model.train()
+        # The data order depends on (seed, epoch) alone, so a resumed run sees the same batches.
+        order_generator = torch.Generator(device).manual_seed(args.seed * 100_003 + epoch)
+        loss_sum = torch.zeros((), device=device)
+        progress = tqdm(
+            batches(train_split, args.batch_size, order_generator), total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}", leave=False
+        )
+        for images, labels in progress:
+            if step >= (epoch + 1) * steps_per_epoch:
+                break
+            images = normalize(random_translate(images, args.max_shift, augment_generator)).contiguous(memory_format=torch.channels_last)
+            with autocast(device, args.amp):
+                logits = model(images, class_tokens[labels])
+            loss = clip_loss(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            model.clamp_logit_scale()
+            loss_sum += loss.detach()
+            step += 1
+            if step % args.log_interval == 0:  # .item() waits for the device: only at log steps
+                batch_accuracy = (labels[logits.argmax(dim=1)] == labels).float().mean().item()
+                progress.set_postfix(loss=f"{loss.item():.4f}", acc=f"{batch_accuracy:.3f}")
+                writer.add_scalar("train/loss", loss.item(), step)
+                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
+                writer.add_scalar("train/logit_scale", model.logit_scale.exp().item(), step)
+
+        val_accuracy = zero_shot_accuracy(model, val_split.images, val_split.labels, args.amp)
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "step": step,
+                "train_loss": loss_sum.item() / steps_per_epoch,
+                "val_accuracy": val_accuracy,
+                "logit_scale": model.logit_scale.exp().item(),
+                "seconds": time.perf_counter() - start_time,
+            }
+        )
+        writer.add_scalar("val/zero_shot_accuracy", val_accuracy, step)
+        improved = val_accuracy > best_accuracy
+        best_accuracy = max(best_accuracy, val_accuracy)
+        checkpoint(run_dir / "last.pt", epoch + 1)
+        if improved:
+            checkpoint(run_dir / "best.pt", epoch + 1)
+        print(
+            f"epoch {epoch + 1}/{epochs}: loss {history[-1]['train_loss']:.4f}, validation accuracy {val_accuracy:.2%}{' (best)' if improved else ''}, {history[-1]['seconds']:.0f}s"
+        )
+
+    train_seconds = time.perf_counter() - start_time
+    model.load_state_dict(load_checkpoint(run_dir / "best.pt", device)["model"])
+    test_accuracy = zero_shot_accuracy(model, test_split.images, test_split.labels, args.amp)
+    writer.add_scalar("test/zero_shot_accuracy", test_accuracy, step)
+    writer.close()
+    print(
+        f"test zero-shot accuracy {test_accuracy:.2%} ({len(test_split):,} images) with the best validation epoch; training took {train_seconds:.0f}s"
+    )
+    print(f"next: python inference.py --checkpoint {run_dir / 'best.pt'}")
+    return {"run_dir": run_dir, "best_val_accuracy": best_accuracy, "test_accuracy": test_accuracy, "train_seconds": train_seconds}
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except CheckpointError as error:
+        raise SystemExit(f"error: {error}") from None
