@@ -8,6 +8,7 @@ DataLoader workers, no per-sample PIL conversion (the airbench recipe).
 
 from __future__ import annotations
 
+import math
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,16 +111,23 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() / 255.0 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
 
 
-def random_translate(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
-    """Shift each (N, H, W) image by its own random offset of up to `max_shift` pixels, zero-filled."""
-    if max_shift == 0:
-        return images
+def random_affine(
+    images: torch.Tensor, max_shift: float, max_rotation: float, max_scale: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Move each (N, H, W) uint8 image by its own random shift (up to `max_shift` pixels),
+    rotation (up to `max_rotation` degrees) and scaling (by up to a factor 1 +- `max_scale`),
+    zero-filled: the small variations of handwriting that MNIST's digits lack."""
     n, h, w = images.shape
-    padded = F.pad(images, (max_shift,) * 4)
-    shifts = torch.randint(0, 2 * max_shift + 1, (2, n, 1), device=images.device, generator=generator)
-    rows = (shifts[0] + torch.arange(h, device=images.device))[:, :, None]  # (N, H, 1)
-    cols = (shifts[1] + torch.arange(w, device=images.device))[:, None, :]  # (N, 1, W)
-    return padded[torch.arange(n, device=images.device)[:, None, None], rows, cols]
+    u = torch.rand(4, n, device=images.device, generator=generator) * 2 - 1  # (4, N) uniform in [-1, 1]
+    angle = u[0] * math.radians(max_rotation)
+    scale = 1 + u[1] * max_scale
+    # affine_grid maps each output pixel to where it is read from: the inverse transform.
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    shift_x, shift_y = u[2] * 2 * max_shift / w, u[3] * 2 * max_shift / h  # in [-1, 1] image coordinates
+    theta = torch.stack([torch.stack([cos, -sin, shift_x], dim=1), torch.stack([sin, cos, shift_y], dim=1)], dim=1)  # (N, 2, 3)
+    grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
+    moved = F.grid_sample(images[:, None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return moved[:, 0].round().clamp(0, 255).to(torch.uint8)
 
 
 def batches(split: Split, batch_size: int, generator: torch.Generator | None = None):

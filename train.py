@@ -11,6 +11,7 @@ best.pt).
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import time
 from datetime import datetime
@@ -21,7 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from clip import CLIP, CLIPConfig, clip_loss
-from dataset import DATASETS, DataError, batches, load_splits, normalize, random_translate
+from dataset import DATASETS, DataError, batches, load_splits, normalize, random_affine
 from utils import (
     RUNS_DIR,
     CheckpointError,
@@ -64,7 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=positive_int, default=512, help="image-text pairs per step")
     p.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW weight decay on weight matrices and kernels")
-    p.add_argument("--max-shift", type=int, default=2, help="random translation of training images, in pixels")
+    p.add_argument(
+        "--ema-decay", type=float, default=0.99, help="decay of the weights' moving average that is evaluated and saved (0: none)"
+    )
+    p.add_argument("--max-shift", type=float, default=2.0, help="random translation of training images, in pixels")
+    p.add_argument("--max-rotation", type=float, default=10.0, help="random rotation of training images, in degrees")
+    p.add_argument("--max-scale", type=float, default=0.1, help="random scaling of training images, as a fraction")
     p.add_argument("--seed", type=int, default=0, help="random seed of initialisation, data order and augmentation")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to train")
     p.add_argument("--no-amp", dest="amp", action="store_false", help="train in fp32 instead of bf16 mixed precision")
@@ -87,8 +93,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-interval", type=positive_int, default=20, help="steps between loss logs")
     p.add_argument("--dry-run", action="store_true", help="check the pipeline: one epoch of two steps")
     args = p.parse_args(argv)
-    if args.max_shift < 0:
-        p.error(f"argument --max-shift: must be zero or positive, got {args.max_shift}")
+    for flag in ("max_shift", "max_rotation", "max_scale"):
+        if getattr(args, flag) < 0:
+            p.error(f"argument --{flag.replace('_', '-')}: must be zero or positive, got {getattr(args, flag)}")
     if args.val_size is None:
         args.val_size = 5000 if args.dataset == "mnist" else 300
     try:
@@ -121,6 +128,28 @@ def param_groups(model: CLIP, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+class MovingAverage:
+    """Exponential moving average of a model's weights and batch-norm statistics, which
+    generalises better than the last step's weights; it is what gets evaluated and saved.
+    The decay ramps up from 0.1 so the poor weights of the first steps are soon forgotten.
+    The step count is a Python int, so an update never waits for the GPU."""
+
+    def __init__(self, model: CLIP, decay: float):
+        self.model = copy.deepcopy(model)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: CLIP) -> None:
+        self.updates += 1
+        weight = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for averaged, current in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
+            if averaged.is_floating_point():
+                averaged.lerp_(current, 1 - weight)
+            else:  # batch norm's step counter
+                averaged.copy_(current)
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     device = args.device
@@ -144,6 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     config = CLIPConfig(image_widths=args.image_widths, image_blocks_per_stage=args.blocks_per_stage, embed_dim=args.embed_dim)
     model = CLIP(config).to(device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
+    ema = MovingAverage(model, args.ema_decay)
     steps_per_epoch = 2 if args.dry_run else len(train_split) // args.batch_size
     epochs = 1 if args.dry_run else args.epochs
     if steps_per_epoch == 0:
@@ -153,7 +183,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     step, best_accuracy, history = 0, -1.0, []
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
+        model.load_state_dict(resume_state["training_model"])
+        ema.model.load_state_dict(resume_state["model"])
+        ema.updates = resume_state["step"]
         optimizer.load_state_dict(resume_state["optimizer"])
         scheduler.load_state_dict(resume_state["scheduler"])
         step, best_accuracy, history = resume_state["step"], resume_state["best_accuracy"], resume_state["history"]
@@ -161,7 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
     def checkpoint(path: Path, epoch: int) -> None:
         save_checkpoint(
             {
-                "model": model.state_dict(),
+                "model": ema.model.state_dict(),  # the weights to evaluate and use
+                "training_model": model.state_dict(),  # the weights the optimizer steps
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "config": config.to_dict(),
@@ -193,7 +226,9 @@ def main(argv: list[str] | None = None) -> dict:
         for images, labels in progress:
             if step >= (epoch + 1) * steps_per_epoch:
                 break
-            images = normalize(random_translate(images, args.max_shift, augment_generator)).contiguous(memory_format=torch.channels_last)
+            images = normalize(random_affine(images, args.max_shift, args.max_rotation, args.max_scale, augment_generator)).contiguous(
+                memory_format=torch.channels_last
+            )
             with autocast(device, args.amp):
                 logits = model(images, class_tokens[labels])
             loss = clip_loss(logits, labels)
@@ -202,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
             optimizer.step()
             scheduler.step()
             model.clamp_logit_scale()
+            ema.update(model)
             loss_sum += loss.detach()
             step += 1
             if step % args.log_interval == 0:  # .item() waits for the device: only at log steps
@@ -211,14 +247,14 @@ def main(argv: list[str] | None = None) -> dict:
                 writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
                 writer.add_scalar("train/logit_scale", model.logit_scale.exp().item(), step)
 
-        val_accuracy = zero_shot_accuracy(model, val_split.images, val_split.labels, args.amp)
+        val_accuracy = zero_shot_accuracy(ema.model, val_split.images, val_split.labels, args.amp)
         history.append(
             {
                 "epoch": epoch + 1,
                 "step": step,
                 "train_loss": loss_sum.item() / steps_per_epoch,
                 "val_accuracy": val_accuracy,
-                "logit_scale": model.logit_scale.exp().item(),
+                "logit_scale": ema.model.logit_scale.exp().item(),
                 "seconds": time.perf_counter() - start_time,
             }
         )

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from dataset import MNIST_FILES, DataError, load_mnist, load_splits, random_translate, to_mnist_style
+from dataset import MNIST_FILES, DataError, load_mnist, load_splits, random_affine, to_mnist_style
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -56,14 +56,38 @@ def test_offline_digits_look_like_mnist_and_splits_are_disjoint():
     assert set(splits.test.labels.tolist()) == set(range(10))
 
 
-def test_random_translate_moves_each_image_by_at_most_max_shift():
-    image = torch.zeros(28, 28, dtype=torch.uint8)
-    image[14, 14] = 255
-    shifted = random_translate(image.expand(64, 28, 28), 2, torch.Generator().manual_seed(0))
-    positions = [divmod(int(s.flatten().argmax()), 28) for s in shifted]
-    assert all(abs(r - 14) <= 2 and abs(c - 14) <= 2 for r, c in positions)
-    assert len(set(positions)) > 5
-    assert (shifted.flatten(1).max(dim=1).values == 255).all()  # nothing pushed out of the frame
+def blob(n: int) -> torch.Tensor:
+    images = torch.zeros(n, 28, 28, dtype=torch.uint8)
+    images[:, 12:17, 10:19] = 255
+    return images
+
+
+def centre_of_mass(images: torch.Tensor) -> torch.Tensor:
+    """(N, 2) row and column centres of mass."""
+    weights = images.float()
+    grid = torch.arange(28.0)
+    total = weights.sum(dim=(1, 2))
+    return torch.stack([(weights.sum(2) * grid).sum(1) / total, (weights.sum(1) * grid).sum(1) / total], dim=1)
+
+
+def test_random_affine_without_range_is_the_identity():
+    images = torch.randint(0, 256, (8, 28, 28), dtype=torch.uint8)
+    assert torch.equal(random_affine(images, 0, 0, 0, torch.Generator().manual_seed(0)), images)
+
+
+def test_random_affine_shifts_each_image_within_max_shift():
+    moved = random_affine(blob(64), 2, 0, 0, torch.Generator().manual_seed(0))
+    offsets = centre_of_mass(moved) - centre_of_mass(blob(1))
+    assert offsets.abs().max() <= 2.01 and offsets.std(dim=0).min() > 0.5  # bounded, and different per image
+    assert torch.allclose(moved.float().sum(dim=(1, 2)), blob(1).float().sum(), rtol=0.02)  # nothing cut off
+
+
+def test_random_affine_rotates_and_scales_about_the_centre():
+    moved = random_affine(blob(64), 0, 30, 0.2, torch.Generator().manual_seed(0))
+    assert (centre_of_mass(moved) - centre_of_mass(blob(1))).abs().max() < 0.6
+    ink_area = (moved > 127).sum(dim=(1, 2)).float()
+    assert ink_area.std() > 2  # sizes and angles vary per image
+    assert not torch.equal(moved, blob(64))
 
 
 @pytest.mark.parametrize(

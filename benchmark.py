@@ -1,0 +1,297 @@
+"""Benchmark: this project's CLIP against the reference MNIST-CLIP recipe, on one machine.
+
+python benchmark.py --data-dir ../shared/data
+
+Measures, for the default training and the fast setting (`--epochs 2`), several
+seeded runs each: the time to reach 98%, 99% and 99.5% zero-shot accuracy on the
+validation split, the final test accuracy, top-5 image-retrieval precision over
+the full test split, and training and inference throughput. Then it trains the
+reference recipe (owenliang/mnist-clip: a 6k-parameter encoder, embedding size 8,
+raw dot-product logits, ten images of distinct digits per step, Adam 1e-3) for
+the default run's median training time, built from this project's data pipeline
+and loss so that only the recipe differs. Writes docs/benchmark.json and
+docs/benchmark.md, from which the README's results table is taken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from metrics import image_retrieval
+
+import train
+from clip import clip_loss
+from dataset import load_splits, normalize
+from inference import load_model
+from text_encoder import DIGIT_CAPTIONS, DigitTextEncoder
+from utils import embed_images, pick_device, zero_shot_accuracy
+
+LEVELS = (0.98, 0.99, 0.995)
+SETTINGS = {"default": [], "fast": ["--epochs", "2"]}
+
+
+# The reference recipe -----------------------------------------------------------------
+
+
+class ReferenceBlock(nn.Module):
+    """owenliang/mnist-clip's residual block: strided 3x3 convolutions and a 1x1 shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = nn.Conv2d(in_channels, out_channels, 1, stride=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))) + self.shortcut(x))
+
+
+class ReferenceCLIP(nn.Module):
+    """The reference model: 1->16->4->1 channels (28->14->7->4 pixels), embedding size 8
+    with LayerNorm, no temperature and no L2 normalisation: logits are raw dot products.
+    It offers the methods of clip.CLIP that evaluation uses."""
+
+    def __init__(self, embed_dim: int = 8):
+        super().__init__()
+        self.image_encoder = nn.Sequential(
+            ReferenceBlock(1, 16),
+            ReferenceBlock(16, 4),
+            ReferenceBlock(4, 1),
+            nn.Flatten(),
+            nn.Linear(16, embed_dim),
+            nn.LayerNorm(embed_dim),
+        )
+        self.text_encoder = DigitTextEncoder(hidden_dim=16, embed_dim=embed_dim)
+        self.text_norm = nn.LayerNorm(embed_dim)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self.image_encoder(images).float()
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.text_norm(self.text_encoder(tokens)).float()
+
+    def class_tokens(self, device: torch.device | str) -> torch.Tensor:
+        return self.text_encoder.tokenize(DIGIT_CAPTIONS).to(device)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.encode_image(images) @ self.encode_text(tokens).T
+
+
+def train_reference(splits, device: torch.device, seconds: float, seed: int, eval_every: float = 10.0) -> dict:
+    """Train the reference recipe for `seconds` of training time (evaluations not counted)."""
+    torch.manual_seed(seed)
+    model = ReferenceCLIP().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    images, labels = splits.train.images, splits.train.labels
+    # Ten images with distinct digits per step: one random index into each digit's images.
+    by_digit = [torch.nonzero(labels == digit).flatten() for digit in range(10)]
+    counts = torch.tensor([len(indices) for indices in by_digit], device=device)
+    starts = torch.cumsum(counts, 0) - counts
+    flat = torch.cat(by_digit)
+    digits = torch.arange(10, device=device)
+    tokens = model.class_tokens(device)
+    generator = torch.Generator(device).manual_seed(seed)
+
+    curve, trained, steps = [], 0.0, 0
+    while trained < seconds:
+        model.train()
+        start = time.perf_counter()
+        while time.perf_counter() - start < min(eval_every, seconds - trained):
+            pick = flat[starts + (torch.rand(10, device=device, generator=generator) * counts).long()]
+            loss = clip_loss(model(normalize(images[pick]), tokens), digits)  # distinct digits: CLIP's own loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+        trained += time.perf_counter() - start
+        curve.append({"seconds": trained, "val_accuracy": zero_shot_accuracy(model, splits.val.images, splits.val.labels, amp=False)})
+    return {"model": model, "curve": curve, "steps": steps, "train_seconds": trained}
+
+
+# Measurements ---------------------------------------------------------------------------
+
+
+def time_to(curve: list[dict], level: float) -> float | None:
+    """Seconds of training until the validation accuracy first reached `level`."""
+    return next((point["seconds"] for point in curve if point["val_accuracy"] >= level), None)
+
+
+def encode_seconds(model: nn.Module, images: torch.Tensor, repeats: int = 5) -> float:
+    """Median time to embed all `images`, after a warm-up."""
+    embed_images(model, images[:1000])
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        embed_images(model, images)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def evaluate(model: nn.Module, test, amp: bool = True) -> dict:
+    features = embed_images(model, test.images, amp=amp)
+    return {
+        "test_accuracy": zero_shot_accuracy(model, test.images, test.labels, amp=amp),
+        "precision@5": image_retrieval(features, test.labels.to(features.device))["precision@5"],
+    }
+
+
+def run_project(setting: str, seed: int, data_dir: str, runs_dir: Path, test) -> dict:
+    argv = [*SETTINGS[setting], "--seed", str(seed), "--data-dir", data_dir, "--runs-dir", str(runs_dir), "--run-name", f"{setting}-{seed}"]
+    result = train.main(argv)
+    model, state = load_model(result["run_dir"] / "best.pt", test.images.device)
+    history = state["history"]
+    steps_per_epoch = history[0]["step"]
+    batch_size = int(state["args"]["batch_size"])
+    return {
+        "seed": seed,
+        "train_seconds": result["train_seconds"],
+        "curve": [{"seconds": h["seconds"], "val_accuracy": h["val_accuracy"]} for h in history],
+        "train_images_per_second": len(history) * steps_per_epoch * batch_size / result["train_seconds"],
+        "encode_test_seconds": encode_seconds(model, test.images),
+        **evaluate(model, test),
+    }
+
+
+def summarise(runs: list[dict]) -> dict:
+    def median(key: str) -> float:
+        return statistics.median(run[key] for run in runs)
+
+    times = {f"{level:.1%}": [time_to(run["curve"], level) for run in runs] for level in LEVELS}
+    return {
+        "runs": len(runs),
+        "test_accuracy_mean": statistics.mean(run["test_accuracy"] for run in runs),
+        "test_accuracy_min": min(run["test_accuracy"] for run in runs),
+        "precision@5_mean": statistics.mean(run["precision@5"] for run in runs),
+        "median_train_seconds": median("train_seconds"),
+        "median_seconds_to": {level: statistics.median(t) if None not in t else None for level, t in times.items()},
+        "median_train_images_per_second": median("train_images_per_second"),
+        "median_encode_test_seconds": median("encode_test_seconds"),
+    }
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    if Path("/proc/cpuinfo").exists():
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__}
+
+
+def seconds(value: float | None) -> str:
+    return "not reached" if value is None else f"{value:.0f} s"
+
+
+def shared_sentence(c: dict) -> str:
+    if c["shared_level"] is None:
+        return "The reference does not reach 80% validation accuracy in every run, so there is no shared level to time."
+    ratio = c["reference_seconds_to_shared"] / c["project_seconds_to_shared"]
+    return (
+        f"To {c['shared_level']:.0%} validation accuracy, the highest level both reach in every run, this project takes "
+        f"{seconds(c['project_seconds_to_shared'])} and the reference {seconds(c['reference_seconds_to_shared'])} ({ratio:.1f}x)."
+    )
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    rows = [
+        "| recipe | runs | test accuracy (mean, min) | top-5 retrieval precision | training time (median) | to 98% / 99% / 99.5% val (median) | train img/s | encode 10k test images |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, s in report["summary"].items():
+        to = " / ".join(seconds(t) for t in s["median_seconds_to"].values())
+        rows.append(
+            f"| {name} | {s['runs']} | {s['test_accuracy_mean']:.2%}, {s['test_accuracy_min']:.2%} | {s['precision@5_mean']:.4f} "
+            f"| {s['median_train_seconds']:.0f} s | {to} | {s['median_train_images_per_second']:,.0f} | {s['median_encode_test_seconds']:.2f} s |"
+        )
+    c = report["comparison"]
+    return "\n".join(
+        [
+            f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), GPU: {m['gpu'] or 'none'}, torch {m['torch']}.",
+            f"Command: `{report['command']}`",
+            "",
+            *rows,
+            "",
+            f"At equal training time ({c['budget_seconds']:.0f} s) the reference recipe reaches {c['reference_accuracy_at_budget']:.2%} "
+            f"test accuracy, this project {c['project_accuracy']:.2%}.",
+            shared_sentence(c),
+            "",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--data-dir", default="data", help="folder that holds (or receives) MNIST")
+    p.add_argument("--runs", type=train.positive_int, default=3, help="seeded runs of each recipe")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to train")
+    p.add_argument("--output-dir", type=Path, default=Path("docs"), help="where benchmark.json and benchmark.md go")
+    args = p.parse_args(argv)
+    device = pick_device(args.device)
+    splits = load_splits("mnist", args.data_dir, val_size=5000)
+    test = splits.test.to(device)
+
+    results: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as runs_dir:
+        for setting in SETTINGS:
+            results[setting] = [run_project(setting, seed, args.data_dir, Path(runs_dir), test) for seed in range(args.runs)]
+    budget = statistics.median(run["train_seconds"] for run in results["default"])
+
+    device_splits = type(splits)(splits.train.to(device), splits.val.to(device), test)
+    results["reference"] = []
+    for seed in range(args.runs):
+        print(f"reference recipe, seed {seed}: training for {budget:.0f} s")
+        reference = train_reference(device_splits, device, budget, seed)
+        results["reference"].append(
+            {
+                "seed": seed,
+                "train_seconds": reference["train_seconds"],
+                "train_images_per_second": 10 * reference["steps"] / reference["train_seconds"],
+                "curve": reference["curve"],
+                "encode_test_seconds": encode_seconds(reference["model"], test.images),
+                **evaluate(reference["model"], test, amp=False),
+            }
+        )
+
+    summary = {name: summarise(runs) for name, runs in results.items()}
+    # The highest of these levels that both recipes reach in every run, for a time-to-accuracy ratio.
+    curves = {name: [run["curve"] for run in results[name]] for name in ("default", "reference")}
+    reached = [lv for lv in (0.8, 0.85, 0.9, 0.95, 0.98) if all(time_to(c, lv) is not None for cs in curves.values() for c in cs)]
+    shared = max(reached, default=None)
+    seconds_to_shared = {name: statistics.median(time_to(c, shared) for c in cs) if shared else None for name, cs in curves.items()}
+    report = {
+        "command": " ".join(["python benchmark.py", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": machine(),
+        "summary": summary,
+        "comparison": {
+            "budget_seconds": budget,
+            "project_accuracy": summary["default"]["test_accuracy_mean"],
+            "reference_accuracy_at_budget": summary["reference"]["test_accuracy_mean"],
+            "shared_level": shared,
+            "project_seconds_to_shared": seconds_to_shared["default"],
+            "reference_seconds_to_shared": seconds_to_shared["reference"],
+        },
+        "runs": results,
+    }
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    (args.output_dir / "benchmark.json").write_text(json.dumps(report, indent=2, default=str))
+    (args.output_dir / "benchmark.md").write_text(markdown(report))
+    print(markdown(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
