@@ -62,6 +62,7 @@ class ReferenceBlock(nn.Module):
 class ReferenceCLIP(nn.Module):
     """The reference model: 1->16->4->1 channels (28->14->7->4 pixels), embedding size 8
     with LayerNorm, no temperature and no L2 normalisation: logits are raw dot products.
+    6,036 parameters.
     It offers the methods of clip.CLIP that evaluation uses."""
 
     def __init__(self, embed_dim: int = 8):
@@ -74,17 +75,18 @@ class ReferenceCLIP(nn.Module):
             nn.Linear(16, embed_dim),
             nn.LayerNorm(embed_dim),
         )
-        self.text_encoder = DigitTextEncoder(hidden_dim=16, embed_dim=embed_dim)
-        self.text_norm = nn.LayerNorm(embed_dim)
+        self.text_encoder = nn.Sequential(
+            nn.Embedding(10, 16), nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, embed_dim), nn.LayerNorm(embed_dim)
+        )
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return self.image_encoder(images).float()
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.text_norm(self.text_encoder(tokens)).float()
+        return self.text_encoder(tokens).float()
 
     def class_tokens(self, device: torch.device | str) -> torch.Tensor:
-        return self.text_encoder.tokenize(DIGIT_CAPTIONS).to(device)
+        return DigitTextEncoder.tokenize(DIGIT_CAPTIONS).to(device)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.encode_image(images) @ self.encode_text(tokens).T
