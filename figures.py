@@ -102,7 +102,15 @@ def plot_tsne(image_features: torch.Tensor, labels: torch.Tensor, text_features:
     axis.scatter(images_2d[:, 0], images_2d[:, 1], c=labels.cpu().numpy(), cmap="tab10", vmin=-0.5, vmax=9.5, s=4, alpha=0.6)
     for digit, (x, y) in enumerate(texts_2d):
         axis.scatter(x, y, marker="*", s=400, color=colours(digit), edgecolors="black", linewidths=1.2)
-        axis.annotate(f'"{digit}"', (x, y), xytext=(9, 5), textcoords="offset points", fontsize=11, weight="bold")
+        axis.annotate(
+            f'"{digit}"',
+            (x, y),
+            xytext=(9, 5),
+            textcoords="offset points",
+            fontsize=11,
+            weight="bold",
+            bbox={"fc": "white", "ec": "none", "alpha": 0.7},
+        )
     handles = [plt.Line2D([], [], marker="o", linestyle="", color=colours(d), label=str(d)) for d in range(10)]
     axis.legend(handles=handles, title="digit", loc="center left", bbox_to_anchor=(1, 0.5), fontsize=8)
     axis.set_title(f"t-SNE of {len(image_features):,} test image embeddings; stars: the captions", fontsize=10)
