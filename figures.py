@@ -41,15 +41,14 @@ def plot_retrieval(
     labels: torch.Tensor,
     scores: torch.Tensor,
     expected: list[int | None],
-    query_titles: list[str] | None = None,
+    query_titles: list[str],
 ) -> Figure:
     """One row per query (a digit image, or a caption as text) and its K nearest test images
     (images: (Q, K, 28, 28); labels, scores: (Q, K)), each titled with its digit and cosine
     similarity; a neighbour whose digit is not the row's `expected` one is red."""
     n_rows, k = labels.shape
     figure, axes = plt.subplots(n_rows, k + 1, figsize=(1.25 * (k + 1), 1.4 * n_rows), squeeze=False)
-    titles = query_titles or [""] * n_rows
-    for row, (query, title, target) in enumerate(zip(queries, titles, expected, strict=True)):
+    for row, (query, title, target) in enumerate(zip(queries, query_titles, expected, strict=True)):
         if isinstance(query, str):
             axes[row, 0].text(0.5, 0.5, query, ha="center", va="center", fontsize=12)
             axes[row, 0].set_title(title, fontsize=9)
