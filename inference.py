@@ -3,25 +3,29 @@
 python inference.py                      # newest run's best.pt, test image 0
 python inference.py --index 42 --text 7  # another query image; the nearest images to the caption "7"
 python inference.py --image my_digit.png # your own pictures, dark ink on light paper or the reverse
+python inference.py --evaluate           # every metric and figure on the full test split
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # figures are saved, never shown: works without a display
-import matplotlib.pyplot as plt
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch.utils.tensorboard import SummaryWriter
 
+import figures
 from clip import CLIP, CLIPConfig
-from dataset import DATASETS, DataError, load_splits, to_mnist_style
-from utils import CheckpointError, class_embeddings, embed_images, latest_run, load_checkpoint, pick_device, show_digit
+from dataset import DATASETS, DataError, Split, load_splits, to_mnist_style
+from metrics import evaluate_embeddings
+from utils import CheckpointError, class_embeddings, embed_images, latest_run, load_checkpoint, pick_device
 
 TOP_K = 5
+SIMILARITY_ROWS = 12  # test images in the similarity matrix figure
+TSNE_POINTS = 2000  # t-SNE takes minutes on all 10,000 test images; a subsample shows the same clusters
+MISCLASSIFIED_SHOWN = 50
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--text", choices=[str(d) for d in range(10)], default=None, help="also show the test images nearest to this digit caption"
     )
     p.add_argument("--output-dir", type=Path, default=None, help="where figures go (default: the checkpoint's run folder)")
+    p.add_argument(
+        "--evaluate", action="store_true", help="measure the full test split instead: metrics.json, figures in evaluation/, TensorBoard"
+    )
     args = p.parse_args(argv)
     try:
         args.device = pick_device(args.device)
@@ -62,35 +69,88 @@ def load_user_image(path: Path) -> torch.Tensor:
         raise ValueError(f"cannot read it as an image ({error.__class__.__name__}: {error})") from error
 
 
-def save_retrieval_figure(
-    query: torch.Tensor,
-    query_title: str,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    scores: torch.Tensor,
-    expected: int | None,
-    path: Path,
-) -> None:
-    """The query (an image or a caption) beside its nearest test images; wrong digits in red."""
-    figure, axes = plt.subplots(1, len(images) + 1, figsize=(1.6 * (len(images) + 1), 2.0))
-    if query.ndim == 2:
-        show_digit(axes[0], query, query_title)
-    else:
-        axes[0].text(0.5, 0.5, query_title, ha="center", va="center", fontsize=14)
-        axes[0].axis("off")
-    for axis, image, label, score in zip(axes[1:], images, labels.tolist(), scores.tolist(), strict=True):
-        show_digit(axis, image, f"{label}  ({score:.3f})", color="black" if expected in (None, label) else "red")
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
 def print_similarities(name: str, similarities: torch.Tensor, probabilities: torch.Tensor) -> None:
     top2 = probabilities.topk(2)
     predicted, runner_up = top2.indices.tolist()
     print(f"{name}: predicted {predicted} (p={top2.values[0]:.3f}), runner-up {runner_up} (p={top2.values[1]:.3f})")
     print("  cosine to digits " + "  ".join(f"{d}:{s:+.3f}" for d, s in enumerate(similarities.tolist())))
+
+
+def print_metrics(metrics: dict, n_images: int) -> None:
+    zero_shot, text_to_image = metrics["zero_shot"], metrics["text_to_image"]
+    print(f"zero-shot classification: top-1 {zero_shot['top1_accuracy']:.2%}, top-2 {zero_shot['top2_accuracy']:.2%}")
+    print("  accuracy per digit  " + "  ".join(f"{d}:{a:.2%}" for d, a in enumerate(zero_shot["per_digit_accuracy"])))
+    print("  confusion matrix (rows: true digit, columns: predicted)")
+    for digit, row in enumerate(zero_shot["confusion_matrix"]):
+        print(f"    {digit}: " + " ".join(f"{count:5d}" for count in row))
+    retrieval = ", ".join(f"{name} {value:.2%}" for name, value in metrics["image_to_image"].items())
+    print(f"image-to-image retrieval (each image queries the {n_images - 1:,} others): {retrieval}")
+    at_k = ", ".join(f"{name} {value:.2%}" for name, value in text_to_image.items() if "@" in name)
+    print(f"text-to-image retrieval (mean over digits): {at_k}")
+    print(f"  mean rank of the first correct image {text_to_image['mean_first_correct_rank']:.2f}")
+    image_to_text, similarity = metrics["image_to_text"], metrics["similarity"]
+    print(f"image-to-text: recall@1 {image_to_text['recall@1']:.2%}, mean rank of the correct digit {image_to_text['mean_rank']:.3f}")
+    print(
+        f"cosine similarity: matching image-text pairs {similarity['matching']:+.3f}, "
+        f"non-matching {similarity['non_matching']:+.3f}, gap {similarity['gap']:.3f}"
+    )
+
+
+def evaluate(test: Split, image_features: torch.Tensor, text_features: torch.Tensor, state: dict, output_dir: Path) -> dict:
+    """Every metric on the full test split, printed and written to output_dir/metrics.json; the
+    figures as PNGs in output_dir/evaluation/ and, with the embedding projector, in TensorBoard."""
+    labels = test.labels
+    metrics = evaluate_embeddings(image_features, text_features, labels)
+    print_metrics(metrics, len(test))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "metrics.json").write_text(json.dumps({"test_images": len(test), **metrics}, indent=2))
+
+    figure_dir, step = output_dir / "evaluation", state["step"]
+    writer = SummaryWriter(str(output_dir))  # beside the training logs, so TensorBoard shows them together
+
+    def save(figure, name: str) -> None:
+        figures.save(figure, figure_dir / f"{name}.png", writer, f"evaluation/{name}", step)
+
+    similarities = image_features @ text_features.T
+    predictions = similarities.argmax(dim=1)
+    save(
+        figures.plot_similarity_matrix(test.images[:SIMILARITY_ROWS], labels[:SIMILARITY_ROWS], similarities[:SIMILARITY_ROWS]),
+        "similarity_matrix",
+    )
+
+    queries = torch.stack([(labels == digit).nonzero()[0, 0] for digit in labels.unique()])  # the first image of each digit
+    gallery_scores = image_features[queries] @ image_features.T
+    gallery_scores[torch.arange(len(queries)), queries] = -float("inf")  # a query is not its own neighbour
+    top = gallery_scores.topk(TOP_K)
+    query_titles = [f"query ({label})" for label in labels[queries].tolist()]
+    figure = figures.plot_retrieval(
+        list(test.images[queries]), test.images[top.indices], labels[top.indices], top.values, labels[queries].tolist(), query_titles
+    )
+    save(figure, "image_retrieval")
+
+    top = (text_features @ image_features.T).topk(TOP_K)
+    digits = list(range(len(text_features)))
+    figure = figures.plot_retrieval(
+        [f'"{d}"' for d in digits], test.images[top.indices], labels[top.indices], top.values, digits, ["caption"] * len(digits)
+    )
+    save(figure, "text_retrieval")
+
+    sample = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:TSNE_POINTS]
+    save(figures.plot_tsne(image_features[sample], labels[sample], text_features), "tsne")
+    save(figures.plot_confusion_matrix(metrics["zero_shot"]["confusion_matrix"]), "confusion_matrix")
+    wrong = (predictions != labels).nonzero()[:MISCLASSIFIED_SHOWN, 0]
+    save(figures.plot_misclassified(test.images[wrong], labels[wrong], predictions[wrong]), "misclassified")
+    save(figures.plot_training_curves(state["history"]), "training_curves")
+
+    # The projector shows every test embedding in 3-D (PCA, t-SNE or UMAP), each point drawn as its digit.
+    writer.add_embedding(
+        image_features, metadata=labels.tolist(), label_img=test.images[:, None].float() / 255, global_step=step, tag="test_images"
+    )
+    writer.close()
+    print(
+        f"metrics in {output_dir / 'metrics.json'}, figures in {figure_dir}/, embeddings in TensorBoard: tensorboard --logdir {output_dir}"
+    )
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -107,6 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
     predictions = (test_features @ text_features.T).argmax(dim=1).cpu()
     accuracy = (predictions == test.labels).float().mean().item()
     print(f"zero-shot accuracy on the {len(test):,} test images: {accuracy:.2%}")
+    if args.evaluate:
+        metrics = evaluate(test, test_features.cpu(), text_features.cpu(), state, output_dir)
+        return {"accuracy": accuracy, "metrics": metrics}
 
     if args.image:
         queries = []
@@ -131,20 +194,33 @@ def main(argv: list[str] | None = None) -> dict:
             gallery_scores[test_index] = -float("inf")  # the query is not its own neighbour
         top = gallery_scores.topk(TOP_K)
         predicted = int(probabilities.argmax())
-        figure_path = output_dir / f"retrieval_{Path(name).stem if test_index is None else test_index}.png"
-        save_retrieval_figure(
-            image, f"query\npredicted {predicted}", test.images[top.indices], test.labels[top.indices], top.values, predicted, figure_path
+        figure = figures.plot_retrieval(
+            [image],
+            test.images[top.indices][None],
+            test.labels[top.indices][None],
+            top.values[None],
+            [predicted],
+            [f"query\npredicted {predicted}"],
         )
+        figure_path = figures.save(figure, output_dir / f"retrieval_{Path(name).stem if test_index is None else test_index}.png")
         print(f"  top-{TOP_K} similar test images: labels {test.labels[top.indices].tolist()}, figure {figure_path}")
         results.append({"name": name, "predicted": predicted, "probabilities": probabilities.tolist(), "figure": figure_path})
+    if args.image and results:
+        # What the model saw, beside what it made of it: the check when a prediction surprises.
+        figure = figures.plot_predictions(
+            [r["name"] for r in results],
+            torch.stack([image for _, image, _ in queries]),
+            torch.tensor([r["probabilities"] for r in results]),
+        )
+        print(f"your pictures as the model saw them, with its probabilities: {figures.save(figure, output_dir / 'predictions.png')}")
 
     if args.text is not None:
         digit = int(args.text)
         top = (test_features @ text_features[digit]).cpu().topk(TOP_K)
-        figure_path = output_dir / f"text_retrieval_{digit}.png"
-        save_retrieval_figure(
-            torch.empty(0), f'caption\n"{digit}"', test.images[top.indices], test.labels[top.indices], top.values, digit, figure_path
+        figure = figures.plot_retrieval(
+            [f'"{digit}"'], test.images[top.indices][None], test.labels[top.indices][None], top.values[None], [digit], ["caption"]
         )
+        figure_path = figures.save(figure, output_dir / f"text_retrieval_{digit}.png")
         print(f'test images nearest to the caption "{digit}": labels {test.labels[top.indices].tolist()}, figure {figure_path}')
     return {"accuracy": accuracy, "queries": results}
 

@@ -1,0 +1,178 @@
+"""Figures that make a trained CLIP's embedding space visible.
+
+Each `plot_*` function draws one figure from tensors and returns it; `save`
+writes it as a PNG and, given a TensorBoard writer, logs it there too. Digits
+are (28, 28) uint8 images, white on black as in MNIST; wrong digits are red.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # figures are saved, never shown: works without a display
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from sklearn.manifold import TSNE
+from threadpoolctl import threadpool_limits
+
+from utils import show_digit
+
+DPI = 90  # small PNGs that still read well
+
+
+def save(figure: Figure, path: Path, writer=None, tag: str | None = None, step: int = 0) -> Path:
+    """Write `figure` to `path` as a PNG, log it to a TensorBoard `writer` under `tag` if given, and close it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=DPI, bbox_inches="tight")
+    if writer is not None:
+        writer.add_figure(tag or path.stem, figure, step)
+    plt.close(figure)
+    return path
+
+
+def plot_retrieval(
+    queries: list[torch.Tensor | str],
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    scores: torch.Tensor,
+    expected: list[int | None],
+    query_titles: list[str],
+) -> Figure:
+    """One row per query (a digit image, or a caption as text) and its K nearest test images
+    (images: (Q, K, 28, 28); labels, scores: (Q, K)), each titled with its digit and cosine
+    similarity; a neighbour whose digit is not the row's `expected` one is red."""
+    n_rows, k = labels.shape
+    figure, axes = plt.subplots(n_rows, k + 1, figsize=(1.25 * (k + 1), 1.4 * n_rows), squeeze=False)
+    for row, (query, title, target) in enumerate(zip(queries, query_titles, expected, strict=True)):
+        if isinstance(query, str):
+            axes[row, 0].text(0.5, 0.5, query, ha="center", va="center", fontsize=12)
+            axes[row, 0].set_title(title, fontsize=9)
+            axes[row, 0].axis("off")
+        else:
+            show_digit(axes[row, 0], query, title)
+        for axis, image, label, score in zip(axes[row, 1:], images[row], labels[row].tolist(), scores[row].tolist(), strict=True):
+            show_digit(axis, image, f"{label} ({score:.2f})", color="black" if target in (None, label) else "red")
+    figure.tight_layout()
+    return figure
+
+
+def plot_similarity_matrix(images: torch.Tensor, labels: torch.Tensor, similarities: torch.Tensor) -> Figure:
+    """Cosine similarity of a batch of images (rows, drawn at the left) with the ten digit
+    captions (columns); each row is named by its true and predicted digit."""
+    n = len(images)
+    predictions = similarities.argmax(dim=1).tolist()
+    figure, (image_axis, heat_axis) = plt.subplots(1, 2, figsize=(7.5, 0.42 * n + 1), width_ratios=(1, 10), sharey=True)
+    # The images stacked into one column, each filling the height of its heatmap row.
+    image_axis.imshow(images.reshape(-1, images.shape[-1]).cpu().numpy(), cmap="gray", extent=(0, 1, n - 0.5, -0.5), aspect="auto")
+    image_axis.set_xticks([])
+    image_axis.set_yticks(range(n), [f"true {t}, pred {p}" for t, p in zip(labels.tolist(), predictions, strict=True)], fontsize=8)
+    for tick, true, predicted in zip(image_axis.get_yticklabels(), labels.tolist(), predictions, strict=True):
+        tick.set_color("black" if true == predicted else "red")
+    heat = heat_axis.imshow(similarities.cpu().numpy(), cmap="viridis", aspect="auto")
+    for row, col in np.ndindex(*similarities.shape):
+        value = similarities[row, col].item()
+        heat_axis.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=6, color="black" if value > 0.5 else "white")
+    heat_axis.set_xticks(range(similarities.shape[1]), [f'"{d}"' for d in range(similarities.shape[1])])
+    heat_axis.xaxis.tick_top()
+    heat_axis.set_title("cosine similarity of test images with the digit captions", fontsize=10)
+    figure.colorbar(heat, ax=heat_axis, fraction=0.04)
+    return figure
+
+
+def plot_tsne(image_features: torch.Tensor, labels: torch.Tensor, text_features: torch.Tensor, seed: int = 0) -> Figure:
+    """A 2-D t-SNE map of image embeddings, coloured by digit, with the caption embeddings
+    mapped alongside as numbered stars. t-SNE keeps neighbourhoods, not distances: tight,
+    separate clusters are the point, their sizes and the gaps between them mean little."""
+    points = torch.cat([image_features, text_features]).cpu().numpy()
+    perplexity = min(30.0, (len(points) - 1) / 3)  # t-SNE needs more points than 3x the perplexity
+    tsne = TSNE(n_components=2, metric="cosine", init="pca", perplexity=perplexity, random_state=seed)
+    # One thread: t-SNE synchronises its threads 1,000 times, and on a busy machine (a shared CI runner)
+    # each wait can cost a time slice: 100 points took a minute instead of 0.3 s.
+    with threadpool_limits(limits=1, user_api="openmp"):
+        embedded = tsne.fit_transform(points)
+    images_2d, texts_2d = embedded[: len(image_features)], embedded[len(image_features) :]
+    figure, axis = plt.subplots(figsize=(6.5, 6))
+    colours = plt.get_cmap("tab10")
+    axis.scatter(images_2d[:, 0], images_2d[:, 1], c=labels.cpu().numpy(), cmap="tab10", vmin=-0.5, vmax=9.5, s=4, alpha=0.6)
+    for digit, (x, y) in enumerate(texts_2d):
+        axis.scatter(x, y, marker="*", s=400, color=colours(digit), edgecolors="black", linewidths=1.2)
+        axis.annotate(
+            f'"{digit}"',
+            (x, y),
+            xytext=(9, 5),
+            textcoords="offset points",
+            fontsize=11,
+            weight="bold",
+            bbox={"fc": "white", "ec": "none", "alpha": 0.7},
+        )
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colours(d), label=str(d)) for d in range(10)]
+    axis.legend(handles=handles, title="digit", loc="center left", bbox_to_anchor=(1, 0.5), fontsize=8)
+    axis.set_title(f"t-SNE of {len(image_features):,} test image embeddings; stars: the captions", fontsize=10)
+    axis.set_xticks([])
+    axis.set_yticks([])
+    return figure
+
+
+def plot_confusion_matrix(confusion: list[list[int]]) -> Figure:
+    """Counts of (true digit, predicted digit); a log colour scale keeps the few errors visible beside the diagonal."""
+    counts = np.asarray(confusion)
+    figure, axis = plt.subplots(figsize=(5.5, 5))
+    axis.imshow(np.ma.masked_equal(counts, 0), cmap="Blues", norm=LogNorm(vmin=1, vmax=max(counts.max(), 1)))
+    for (row, col), count in np.ndenumerate(counts):
+        if count:
+            axis.text(col, row, str(count), ha="center", va="center", fontsize=7, color="white" if row == col else "black")
+    axis.set_xticks(range(len(counts)))
+    axis.set_yticks(range(len(counts)))
+    axis.set_xlabel("predicted digit")
+    axis.set_ylabel("true digit")
+    axis.set_title(f"zero-shot confusion matrix ({counts.sum() - np.trace(counts)} errors in {counts.sum():,})", fontsize=10)
+    return figure
+
+
+def plot_misclassified(images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor, columns: int = 10) -> Figure:
+    """A gallery of misclassified images, each titled "true -> predicted"."""
+    rows = max(1, -(-len(images) // columns))
+    figure, axes = plt.subplots(rows, columns, figsize=(1.1 * columns, 1.25 * rows), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image, label, predicted in zip(axes.flat, images, labels.tolist(), predictions.tolist(), strict=False):
+        show_digit(axis, image, f"{label} -> {predicted}", color="red")
+    figure.suptitle("misclassified test images: true -> predicted digit", fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+def plot_training_curves(history: list[dict]) -> Figure:
+    """Training loss, validation accuracy and logit scale per epoch, from a checkpoint's history."""
+    epochs = [entry["epoch"] for entry in history]
+    panels = (("train_loss", "training loss"), ("val_accuracy", "validation zero-shot accuracy"), ("logit_scale", "logit scale exp(t)"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(11, 3))
+    for axis, (key, title) in zip(axes, panels, strict=True):
+        axis.plot(epochs, [entry[key] for entry in history], marker="o", markersize=3)
+        axis.set_title(title, fontsize=10)
+        axis.set_xlabel("epoch")
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure
+
+
+def plot_predictions(names: list[str], images: torch.Tensor, probabilities: torch.Tensor) -> Figure:
+    """For each user picture: the 28x28 image the model saw, beside its probability for each digit."""
+    figure, axes = plt.subplots(len(names), 2, figsize=(6, 1.7 * len(names)), width_ratios=(1, 3), squeeze=False)
+    for (image_axis, bar_axis), name, image, p in zip(axes, names, images, probabilities, strict=True):
+        top2 = p.topk(2)
+        predicted, runner_up = top2.indices.tolist()
+        show_digit(image_axis, image, name)
+        # A log scale: a confident model puts ~0.999 on one digit, and the runner-ups are what is worth seeing.
+        bar_axis.bar(range(10), p.tolist(), color=["tab:blue" if d == predicted else "tab:gray" for d in range(10)], log=True)
+        bar_axis.set_xticks(range(10))
+        bar_axis.set_ylim(1e-4, 1)
+        bar_axis.set_ylabel("probability", fontsize=8)
+        bar_axis.set_title(f"predicted {predicted} (p={top2.values[0]:.3f}), runner-up {runner_up} (p={top2.values[1]:.3f})", fontsize=9)
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,121 @@
+"""Measurements of a CLIP embedding space, as CLIP papers report them.
+
+Every function takes unit-norm embeddings (so a dot product is a cosine) and
+integer labels as torch tensors, and returns plain floats and lists, ready to
+print or to write as JSON. The ten digit captions are the "texts"; text i is
+the caption of digit i.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rank_of_label(similarities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N, C) similarities -> (N,) 1-based rank of each row's own label among the C columns.
+
+    A tie with the correct column counts in the model's favour, so a rank is
+    1 + the number of columns that score strictly higher.
+    """
+    own = similarities.gather(1, labels[:, None])
+    return 1 + (similarities > own).sum(dim=1)
+
+
+def zero_shot_classification(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Each image is classified as its most similar caption: top-1 and top-2 accuracy,
+    accuracy per digit, and the confusion matrix (row: true digit, column: predicted)."""
+    similarities = image_features @ text_features.T  # (N, C)
+    ranks = rank_of_label(similarities, labels)
+    predictions = similarities.argmax(dim=1)
+    n_classes = len(text_features)
+    confusion = torch.bincount(labels * n_classes + predictions, minlength=n_classes**2).view(n_classes, n_classes)
+    per_class = confusion.diag() / confusion.sum(dim=1).clamp(min=1)  # a digit absent from the split scores 0
+    return {
+        "top1_accuracy": (ranks <= 1).float().mean().item(),
+        "top2_accuracy": (ranks <= 2).float().mean().item(),
+        "per_digit_accuracy": per_class.tolist(),
+        "confusion_matrix": confusion.tolist(),
+    }
+
+
+def image_to_text(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Each image ranks the captions: recall@1 (the zero-shot accuracy) and the mean rank of its own."""
+    ranks = rank_of_label(image_features @ text_features.T, labels).float()
+    return {"recall@1": (ranks <= 1).float().mean().item(), "mean_rank": ranks.mean().item()}
+
+
+def image_retrieval(features: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10), chunk_size: int = 1024) -> dict:
+    """Each image queries all the others (never itself); a neighbour is relevant when it shows the same digit.
+
+    precision@k is the share of relevant images among the k nearest, averaged over
+    queries. Average precision averages the precision at the rank of every relevant
+    image, so it rewards ranking all of them first; mAP is its mean over the queries
+    that have at least one relevant image. Queries are processed `chunk_size` at a
+    time, so memory grows as chunk_size x N, never N x N.
+    """
+    n = len(features)
+    if min(ks) < 1 or max(ks) >= n:
+        raise ValueError(f"precision@k needs 0 < k < {n} (the number of other images), got ks={ks}")
+    positions = torch.arange(1, n, device=features.device, dtype=torch.float32)  # ranks 1..N-1
+    precision_sums = dict.fromkeys(ks, 0.0)
+    ap_sum, ap_queries = 0.0, 0
+    for start in range(0, n, chunk_size):
+        queries = features[start : start + chunk_size]
+        rows = torch.arange(len(queries), device=features.device)
+        similarities = queries @ features.T  # (B, N)
+        similarities[rows, start + rows] = -float("inf")  # each query sorts itself last...
+        order = similarities.argsort(dim=1, descending=True)[:, :-1]  # ...and drops out here
+        relevant = (labels[order] == labels[start : start + len(queries), None]).float()  # (B, N-1)
+        for k in ks:
+            precision_sums[k] += (relevant[:, :k].sum(dim=1) / k).sum().item()
+        hits = relevant.cumsum(dim=1)
+        n_relevant = hits[:, -1]
+        average_precision = (relevant * hits / positions).sum(dim=1) / n_relevant.clamp(min=1)
+        ap_sum += average_precision[n_relevant > 0].sum().item()
+        ap_queries += int((n_relevant > 0).sum())
+    result = {f"precision@{k}": precision_sums[k] / n for k in ks}
+    result["mAP"] = ap_sum / max(ap_queries, 1)
+    return result
+
+
+def text_to_image(
+    image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 10, 100, 1000)
+) -> dict:
+    """Each digit's caption ranks the images: precision@k and recall@k per digit and
+    averaged over digits, and the rank of the first image of that digit.
+
+    recall@k is the share of all that digit's images found in the top k, so it only
+    approaches 1 when k nears the number of images per digit (about 1,000 in
+    MNIST's test split); a k larger than the split is left out.
+    """
+    ks = tuple(k for k in ks if k <= len(labels))
+    order = (text_features @ image_features.T).argsort(dim=1, descending=True)  # (C, N)
+    relevant = labels[order] == torch.arange(len(text_features), device=labels.device)[:, None]
+    n_relevant = relevant.sum(dim=1).clamp(min=1)
+    first_rank = (relevant.float().argmax(dim=1) + 1).float()
+    found = {k: relevant[:, :k].sum(dim=1).float() for k in ks}
+    per_digit = {f"precision@{k}": (found[k] / k).tolist() for k in ks} | {f"recall@{k}": (found[k] / n_relevant).tolist() for k in ks}
+    result = {name: sum(values) / len(values) for name, values in per_digit.items()}
+    result["mean_first_correct_rank"] = first_rank.mean().item()
+    result["per_digit"] = {**per_digit, "first_correct_rank": first_rank.tolist()}
+    return result
+
+
+def similarity_gap(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Mean cosine of each image with its own caption versus with the other captions."""
+    similarities = image_features @ text_features.T
+    matching = torch.zeros_like(similarities, dtype=torch.bool)
+    matching[torch.arange(len(labels)), labels] = True
+    matching_mean, non_matching_mean = similarities[matching].mean().item(), similarities[~matching].mean().item()
+    return {"matching": matching_mean, "non_matching": non_matching_mean, "gap": matching_mean - non_matching_mean}
+
+
+def evaluate_embeddings(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor) -> dict:
+    """All of the above for one split, grouped as metrics.json stores them."""
+    return {
+        "zero_shot": zero_shot_classification(image_features, text_features, labels),
+        "image_to_image": image_retrieval(image_features, labels),
+        "text_to_image": text_to_image(image_features, text_features, labels),
+        "image_to_text": image_to_text(image_features, text_features, labels),
+        "similarity": similarity_gap(image_features, text_features, labels),
+    }

@@ -1,0 +1,25 @@
+import json
+from pathlib import Path
+
+import inference
+
+CHECKPOINT = Path(__file__).parent / "fixtures" / "mnist_tiny.pt"  # trained on MNIST, see test_user_pictures.py
+FIGURES = ["similarity_matrix", "image_retrieval", "text_retrieval", "tsne", "confusion_matrix", "misclassified", "training_curves"]
+
+
+def test_evaluate_prints_and_saves_every_metric_and_figure(tmp_path: Path, capsys):
+    out = inference.main(["--checkpoint", str(CHECKPOINT), "--dataset", "digits", "--evaluate", "--output-dir", str(tmp_path)])
+    metrics = out["metrics"]
+    assert json.loads((tmp_path / "metrics.json").read_text()) == {"test_images": 360, **metrics}
+    assert set(metrics) == {"zero_shot", "image_to_image", "text_to_image", "image_to_text", "similarity"}
+    assert metrics["zero_shot"]["top1_accuracy"] == metrics["image_to_text"]["recall@1"] == out["accuracy"]
+    assert sum(map(sum, metrics["zero_shot"]["confusion_matrix"])) == 360
+    assert set(metrics["image_to_image"]) == {"precision@1", "precision@5", "precision@10", "mAP"}
+    assert metrics["similarity"]["gap"] > 0
+    for name in FIGURES:
+        assert (tmp_path / "evaluation" / f"{name}.png").is_file(), name
+    assert any(p.name.startswith("events.out.tfevents") for p in tmp_path.iterdir())
+    assert (tmp_path / "projector_config.pbtxt").is_file()  # TensorBoard's embedding projector
+    printed = capsys.readouterr().out
+    for phrase in ("top-2", "confusion matrix", "mAP", "recall@100", "mean rank of the first correct image", "gap"):
+        assert phrase in printed, phrase

@@ -1,0 +1,88 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from metrics import image_retrieval, image_to_text, similarity_gap, text_to_image, zero_shot_classification
+
+
+def on_circle(degrees: list[float]) -> torch.Tensor:
+    """Unit vectors in the plane at the given angles: the cosine of two is the cosine of their angle."""
+    radians = torch.tensor(degrees) * math.pi / 180
+    return torch.stack([radians.cos(), radians.sin()], dim=1)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1024])
+def test_image_retrieval_matches_a_hand_computed_case(chunk_size: int):
+    # Angles 0, 20, 30, 90 with digits 0, 0, 1, 1. Ranked neighbours (relevant = 1):
+    # 0 deg: 20 30 90 -> 1 0 0, AP 1;   20 deg: 30 0 90 -> 0 1 0, AP 1/2
+    # 30 deg: 20 0 90 -> 0 0 1, AP 1/3; 90 deg: 30 20 0 -> 1 0 0, AP 1
+    features, labels = on_circle([0, 20, 30, 90]), torch.tensor([0, 0, 1, 1])
+    result = image_retrieval(features, labels, ks=(1, 2, 3), chunk_size=chunk_size)
+    assert result["precision@1"] == pytest.approx(2 / 4)
+    assert result["precision@2"] == pytest.approx((1 / 2 + 1 / 2 + 0 + 1 / 2) / 4)
+    assert result["precision@3"] == pytest.approx(1 / 3)
+    assert result["mAP"] == pytest.approx((1 + 1 / 2 + 1 / 3 + 1) / 4)
+
+
+def test_perfect_embedding_has_precision_and_map_one():
+    labels = torch.arange(33) % 3  # 11 images per digit: 10 relevant neighbours each
+    features = F.one_hot(labels, 8).float()  # every digit its own direction
+    result = image_retrieval(features, labels, chunk_size=7)
+    assert result == pytest.approx({"precision@1": 1.0, "precision@5": 1.0, "precision@10": 1.0, "mAP": 1.0})
+
+
+def test_random_embedding_scores_chance():
+    n, per_digit = 2000, 200
+    labels = torch.arange(n) % 10
+    features = F.normalize(torch.randn(n, 64, generator=torch.Generator().manual_seed(0)), dim=1)
+    result = image_retrieval(features, labels, chunk_size=256)
+    # A random ranking of M = n - 1 neighbours of which R = per_digit - 1 are relevant:
+    # precision@k is R/M on average, and averaging precision over the relevant ranks gives
+    # E[AP] = (H_M + (M - H_M)(R - 1)/(M - 1)) / M, H_M the M-th harmonic number.
+    m, r = n - 1, per_digit - 1
+    harmonic = sum(1 / k for k in range(1, m + 1))
+    for k in (1, 5, 10):
+        assert result[f"precision@{k}"] == pytest.approx(r / m, abs=0.02)
+    assert result["mAP"] == pytest.approx((harmonic + (m - harmonic) * (r - 1) / (m - 1)) / m, abs=0.005)
+
+
+def test_image_retrieval_refuses_k_beyond_the_gallery():
+    with pytest.raises(ValueError, match="0 < k < 4"):
+        image_retrieval(on_circle([0, 20, 30, 90]), torch.tensor([0, 0, 1, 1]), ks=(1, 4))
+
+
+def test_zero_shot_and_image_to_text_match_a_hand_computed_case():
+    texts = torch.eye(3)  # the captions of digits 0, 1, 2
+    images = F.normalize(torch.tensor([[1.0, 0.5, 0.0], [1.0, 0.5, 0.0], [0.2, 0.5, 1.0], [1.0, 0.6, 0.3]]), dim=1)
+    labels = torch.tensor([0, 1, 2, 2])  # the true caption ranks 1, 2, 1 and 3
+    zero_shot = zero_shot_classification(images, texts, labels)
+    assert zero_shot["top1_accuracy"] == pytest.approx(2 / 4)
+    assert zero_shot["top2_accuracy"] == pytest.approx(3 / 4)
+    assert zero_shot["per_digit_accuracy"] == pytest.approx([1.0, 0.0, 0.5])
+    assert zero_shot["confusion_matrix"] == [[1, 0, 0], [1, 0, 0], [1, 0, 1]]
+    assert image_to_text(images, texts, labels) == pytest.approx({"recall@1": 2 / 4, "mean_rank": (1 + 2 + 1 + 3) / 4})
+
+
+def test_text_to_image_matches_a_hand_computed_case():
+    texts = on_circle([0, 90])  # captions of digits 0 and 1
+    images, labels = on_circle([10, 40, 50, 80]), torch.tensor([0, 1, 0, 0])
+    # Caption 0 ranks the images 10 40 50 80 (relevant 1 0 1 1); caption 1 ranks 80 50 40 10 (0 0 1 0).
+    result = text_to_image(images, texts, labels, ks=(1, 2, 4, 1000))  # k = 1000 exceeds the 4 images: left out
+    assert result["per_digit"]["precision@1"] == [1.0, 0.0]
+    assert result["per_digit"]["precision@4"] == [0.75, 0.25]
+    assert result["per_digit"]["recall@2"] == pytest.approx([1 / 3, 0.0])
+    assert result["per_digit"]["first_correct_rank"] == [1.0, 3.0]
+    assert result["precision@2"] == pytest.approx((1 / 2 + 0) / 2)
+    assert result["recall@4"] == pytest.approx(1.0)
+    assert result["mean_first_correct_rank"] == pytest.approx(2.0)
+    assert "precision@1000" not in result
+
+
+def test_similarity_gap_of_a_hand_computed_case():
+    texts = torch.eye(2)
+    images, labels = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 1.0]]), dim=1), torch.tensor([0, 1])
+    # Matching cosines 1 and 0.707; non-matching 0 and 0.707.
+    result = similarity_gap(images, texts, labels)
+    assert result == pytest.approx({"matching": (1 + 0.5**0.5) / 2, "non_matching": 0.5**0.5 / 2, "gap": 0.5})
