@@ -76,7 +76,13 @@ class ReferenceCLIP(nn.Module):
             nn.LayerNorm(embed_dim),
         )
         self.text_encoder = nn.Sequential(
-            nn.Embedding(10, 16), nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, embed_dim), nn.LayerNorm(embed_dim)
+            nn.Embedding(10, 16),
+            nn.Linear(16, 64),
+            nn.ReLU(),
+            nn.Linear(64, 16),
+            nn.ReLU(),
+            nn.Linear(16, embed_dim),
+            nn.LayerNorm(embed_dim),
         )
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

@@ -3,12 +3,11 @@ from pathlib import Path
 
 import inference
 
-CHECKPOINT = Path(__file__).parent / "fixtures" / "mnist_tiny.pt"  # trained on MNIST, see test_user_pictures.py
 FIGURES = ["similarity_matrix", "image_retrieval", "text_retrieval", "tsne", "confusion_matrix", "misclassified", "training_curves"]
 
 
-def test_evaluate_prints_and_saves_every_metric_and_figure(tmp_path: Path, capsys):
-    out = inference.main(["--checkpoint", str(CHECKPOINT), "--dataset", "digits", "--evaluate", "--output-dir", str(tmp_path)])
+def test_evaluate_prints_and_saves_every_metric_and_figure(digits_checkpoint: Path, tmp_path: Path, capsys):
+    out = inference.main(["--checkpoint", str(digits_checkpoint), "--dataset", "digits", "--evaluate", "--output-dir", str(tmp_path)])
     metrics = out["metrics"]
     assert json.loads((tmp_path / "metrics.json").read_text()) == {"test_images": 360, **metrics}
     assert set(metrics) == {"zero_shot", "image_to_image", "text_to_image", "image_to_text", "similarity"}

@@ -1,11 +1,8 @@
-"""Users' own pictures: converted as MNIST was made, then classified by a model trained on MNIST.
-
-The model is tests/fixtures/mnist_tiny.pt, made by this project on real MNIST:
-    python train.py --image-widths 8,16,32 --embed-dim 32 --epochs 3
-(98.7% test accuracy), its best.pt stripped to model, config and history. The
-offline `digits` data set cannot stand in: its 8x8 digits, blurred and stretched
-to fill 20x20, are not MNIST-style, and a model trained on them classifies only
-about half of these font digits, whatever the conversion.
+"""Users' own pictures: converted as MNIST was made, then classified by a small model
+trained on real MNIST (the `mnist_checkpoint` fixture). The offline `digits` data set
+cannot stand in: its 8x8 digits, blurred and stretched to fill 20x20, are not
+MNIST-style, and a model trained on them classifies only about half of these font
+digits, whatever the conversion.
 """
 
 from pathlib import Path
@@ -20,7 +17,6 @@ import inference
 from dataset import to_mnist_style
 from utils import class_embeddings, embed_images
 
-CHECKPOINT = Path(__file__).parent / "fixtures" / "mnist_tiny.pt"
 FONT_DIR = Path(matplotlib.get_data_path()) / "fonts" / "ttf"  # matplotlib ships these, so they are always there
 FONTS = [ImageFont.load_default] + [
     lambda size, name=name: ImageFont.truetype(str(FONT_DIR / name), size)
@@ -36,8 +32,8 @@ CANVASES = [  # (size, paper, ink): dark on light as written, and chalk on a bla
 
 
 @pytest.fixture(scope="module")
-def model():
-    return inference.load_model(CHECKPOINT, torch.device("cpu"))[0]
+def model(mnist_checkpoint: Path):
+    return inference.load_model(mnist_checkpoint, torch.device("cpu"))[0]
 
 
 def draw_digit(digit: int, font, size: tuple[int, int], paper, ink, mode: str = "RGB") -> Image.Image:
@@ -100,11 +96,11 @@ def test_every_kind_of_file_converts_like_the_plain_picture(name: str, tmp_path:
     assert (converted - expected).abs().mean() < 2  # identical up to JPEG's artefacts
 
 
-def test_cli_prints_a_line_per_file_and_shows_what_the_model_saw(tmp_path: Path, capsys):
+def test_cli_prints_a_line_per_file_and_shows_what_the_model_saw(mnist_checkpoint: Path, tmp_path: Path, capsys):
     for digit in (3, 7):
         draw_digit(digit, ImageFont.load_default, (200, 300), (240, 240, 230), (0, 0, 90)).save(tmp_path / f"my_{digit}.png")
     out = inference.main(
-        ["--checkpoint", str(CHECKPOINT), "--dataset", "digits", "--output-dir", str(tmp_path / "out"), "--image"]
+        ["--checkpoint", str(mnist_checkpoint), "--dataset", "digits", "--output-dir", str(tmp_path / "out"), "--image"]
         + [str(tmp_path / f"my_{digit}.png") for digit in (3, 7)]
     )
     assert [query["predicted"] for query in out["queries"]] == [3, 7]
