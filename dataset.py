@@ -31,6 +31,10 @@ class DataError(RuntimeError):
     """A data set cannot be loaded; the message says why and what to do."""
 
 
+class ImageError(ValueError):
+    """A picture cannot be turned into a digit; the message says why."""
+
+
 @dataclass
 class Split:
     images: torch.Tensor  # (N, 28, 28) uint8, white digit on black as in MNIST
@@ -138,28 +142,33 @@ def batches(split: Split, batch_size: int, generator: torch.Generator | None = N
 def to_mnist_style(image) -> torch.Tensor:
     """A PIL image of a digit, dark on light or light on dark, any size and mode ->
     (28, 28) uint8 as MNIST was made: white ink on black, the ink fitted into
-    20x20 keeping its aspect ratio and centred by its centre of mass."""
+    20x20 keeping its aspect ratio and centred by its centre of mass.
+    ImageError says why when there is no digit to be found."""
     import numpy as np
     from PIL import Image, ImageOps
 
+    if image.width == 0 or image.height == 0:
+        raise ImageError(f"the picture has no pixels ({image.width}x{image.height})")
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        # Transparent pixels are paper: composite onto white.
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        pixels = np.asarray(image, dtype=np.float64)
-        pixels = pixels / 257.0 if pixels.max() > 255 else pixels  # 16-bit -> 8-bit range
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        # 16- and 32-bit grey: NaN and infinities are no ink, and the 16-bit range maps onto 8 bits.
+        pixels = np.nan_to_num(np.asarray(image), nan=0.0, posinf=65535.0, neginf=0.0).clip(0, 65535).astype(np.float64)
+        pixels = pixels / 257.0 if pixels.max() > 255 else pixels
     else:
-        pixels = np.asarray(image.convert("L"), dtype=np.float64)
+        try:
+            rgba = image.convert("RGBA")  # every other mode, transparency included
+        except ValueError as error:
+            raise ImageError(f"pictures in colour mode {image.mode} are not supported: save it as PNG or JPEG") from error
+        # Transparent pixels are paper: composite onto white.
+        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        pixels = np.asarray(Image.alpha_composite(paper, rgba).convert("L"), dtype=np.float64)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     if np.median(border) > 127:  # light paper: make the ink the bright part, as in MNIST
         pixels = 255.0 - pixels
     background = np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]))
     contrast = pixels.max() - background
     if contrast < 32:
-        raise ValueError("no digit found: the picture is blank or has too little contrast")
+        raise ImageError("no digit found: the picture is blank or has too little contrast")
     ink = np.clip((pixels - background) / contrast, 0.0, 1.0)
 
     rows, cols = np.nonzero(ink > 0.2)
@@ -172,7 +181,7 @@ def to_mnist_style(image) -> torch.Tensor:
     canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE))
     total = digit.sum()
     if total == 0:
-        raise ValueError("no digit found: the ink vanished when scaled to 20x20")
+        raise ImageError("no digit found: the ink vanished when scaled to 20x20")
     grid_rows, grid_cols = np.indices(digit.shape)
     com_row, com_col = (grid_rows * digit).sum() / total, (grid_cols * digit).sum() / total
     top = int(np.clip(round(IMAGE_SIZE / 2 - com_row), 0, IMAGE_SIZE - digit.shape[0]))
