@@ -8,6 +8,8 @@ DataLoader workers, no per-sample PIL conversion (the airbench recipe).
 
 from __future__ import annotations
 
+import math
+import struct
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,17 +82,58 @@ def load_mnist(data_dir: str | Path) -> tuple[Split, Split]:
 
     root = Path(data_dir)
     raw = root / "MNIST" / "raw"
+    if root.exists() and not root.is_dir():
+        raise DataError(f"--data-dir {root} is a file, not a folder")
+    root_existed = root.is_dir()  # the download creates it, even when it then fails
+    if all((raw / name).is_file() for name in MNIST_FILES):
+        # Nothing will be downloaded: check the files first, as torchvision's reader fails obscurely on damaged ones.
+        check_mnist_files(raw)
     try:
         splits = [MNIST(str(root), train=train, download=True) for train in (True, False)]
     except (urllib.error.URLError, OSError, RuntimeError) as error:
         missing = [name for name in MNIST_FILES if not (raw / name).exists()]
         if not missing:
             raise DataError(f"could not read MNIST in {raw}: {error}; delete the folder to download it afresh") from error
+        absent = f"--data-dir {root} does not exist" if not root_existed else f"MNIST is not in {raw}"
         raise DataError(
-            f"MNIST is not in {raw} and could not be downloaded ({type(error).__name__}); "
-            f"put the files {', '.join(MNIST_FILES)} there, or run offline with --dataset digits"
+            f"{absent} and could not be downloaded ({type(error).__name__}); "
+            f"put the files {', '.join(MNIST_FILES)} in {raw}, or run offline with --dataset digits"
         ) from error
     return tuple(Split(s.data.clone(), s.targets.clone()) for s in splits)
+
+
+def check_mnist_files(raw: Path) -> None:
+    """Check MNIST's four IDX files in `raw` from their headers and sizes; DataError naming a bad one."""
+    for prefix in ("train", "t10k"):
+        images, labels = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+        n_images, n_labels = check_idx_file(images, (IMAGE_SIZE, IMAGE_SIZE)), check_idx_file(labels, ())
+        if n_images != n_labels:
+            raise DataError(f"{images} holds {n_images:,} images but {labels} {n_labels:,} labels; delete both to download MNIST afresh")
+
+
+def check_idx_file(path: Path, item_shape: tuple[int, ...]) -> int:
+    """The number of items in `path`, an uncompressed IDX file of uint8 items of `item_shape`
+    as MNIST ships them: a magic number (0, 0, 0x08 for uint8, number of dimensions), one
+    big-endian uint32 size per dimension, then the bytes. DataError naming the file otherwise."""
+    ndim = 1 + len(item_shape)
+    kind = "image" if item_shape else "label"
+    fresh = "delete it to download MNIST afresh"
+    try:
+        with path.open("rb") as file:
+            header = file.read(4 + 4 * ndim)
+        size = path.stat().st_size
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error.strerror}") from error
+    if len(header) < 4 + 4 * ndim or header[:4] != bytes((0, 0, 0x08, ndim)):
+        raise DataError(f"{path} is not an MNIST {kind} file; {fresh}")
+    count, *shape = struct.unpack(f">{ndim}I", header[4:])
+    if tuple(shape) != item_shape:
+        raise DataError(f"{path} holds items of shape {tuple(shape)}, not MNIST's {item_shape}; {fresh}")
+    expected = len(header) + count * math.prod(item_shape)
+    if size != expected:
+        problem = "is truncated" if size < expected else "is longer than its header says"
+        raise DataError(f"{path} {problem} ({size:,} bytes, expected {expected:,}); {fresh}")
+    return count
 
 
 def load_sklearn_digits(test_size: int = 360) -> tuple[Split, Split]:
