@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import signal
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -85,6 +87,38 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", keys: 
     if missing:
         raise CheckpointError(f"{path} is not a checkpoint written by train.py: it lacks {', '.join(missing)}")
     return state
+
+
+class GracefulStop:
+    """Within `with GracefulStop() as stop:`, the first Ctrl-C (SIGINT) or SIGTERM only
+    sets `stop.received`, so a training loop can finish its step, save and exit; a second
+    one exits at once, without saving. The previous handlers come back on leaving."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> GracefulStop:
+        self.received: signal.Signals | None = None
+        self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by a signal: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + self.received
+
+    def _handle(self, number: int, frame) -> None:
+        if self.received is not None:
+            print(f"\n{signal.Signals(number).name} again: stopping now, without saving", file=sys.stderr)
+            raise SystemExit(128 + number)
+        self.received = signal.Signals(number)
+        print(
+            f"\n{self.received.name}: stopping after this training step, which is saved; Ctrl-C again stops at once, unsaved",
+            file=sys.stderr,
+        )
 
 
 def latest_run(runs_dir: Path = RUNS_DIR, filename: str = "best.pt") -> Path:
