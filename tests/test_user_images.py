@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
@@ -109,7 +109,7 @@ CASES = {
     "empty.png": (write_empty, "not a picture"),
     "text.png": (write_text, "not a picture"),
     "truncated.png": (write_truncated_png, "damaged or truncated"),
-    "folder.png": (write_folder, "folder"),
+    "folder.png": (write_folder, "a folder, not an image file"),
     "missing.png": (lambda path: None, "No such file"),
     "bomb.png": (write_bomb, "refused"),
     "transparent.png": (write_transparent, "no digit"),
@@ -190,9 +190,11 @@ def pictures(draw) -> Image.Image:
     n_bytes = len(Image.new(mode, size).tobytes())
     if n_bytes == 0:
         return Image.new(mode, size)
+    floats = st.lists(st.floats(width=32), min_size=size[0] * size[1], max_size=size[0] * size[1])  # NaN and infinities too
     content = draw(
         st.one_of(
-            st.binary(min_size=n_bytes, max_size=n_bytes),  # noise, NaN and infinite floats included
+            st.binary(min_size=n_bytes, max_size=n_bytes),  # noise
+            floats.map(lambda values: np.array(values, dtype=np.float32).tobytes()) if mode == "F" else st.nothing(),
             st.integers(0, 255).map(lambda value: bytes([value]) * n_bytes),  # a blank picture
             st.dictionaries(st.integers(0, n_bytes - 1), st.integers(0, 255), max_size=20).map(  # a few specks
                 lambda specks: bytes(specks.get(i, 0) for i in range(n_bytes))
@@ -211,6 +213,7 @@ def pictures(draw) -> Image.Image:
 
 @settings(max_examples=300, deadline=None)  # no deadline: the shared CPU's speed varies
 @given(pictures())
+@example(Image.fromarray(np.where(np.eye(9, dtype=bool), np.inf, np.nan).astype(np.float32)))  # no finite pixel at all
 def test_conversion_gives_an_mnist_style_digit_or_the_projects_error(image: Image.Image):
     try:
         digit = to_mnist_style(image)
