@@ -71,7 +71,7 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", keys: 
     CheckpointError names the file when it cannot be loaded or lacks one of `keys`."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: train one with `python train.py` or pass --checkpoint PATH")
+        raise CheckpointError(f"no checkpoint at {path}: check the path, or train one with `python train.py`")
     try:
         with warnings.catch_warnings():
             # torch warns about the pickle protocol of files that are not zip archives; the error below says it all.

@@ -80,6 +80,11 @@ def test_a_bad_checkpoint_gives_one_line_naming_the_file(kind: str, tmp_path: Pa
     assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
+def test_a_missing_checkpoint_is_named(tmp_path: Path):
+    with pytest.raises(CheckpointError, match=f"no checkpoint at {tmp_path / 'none.pt'}: check the path"):
+        load_checkpoint(tmp_path / "none.pt")
+
+
 @settings(max_examples=150, deadline=None)  # no deadline: the shared CPU's speed varies
 @given(data=st.data())
 def test_a_damaged_checkpoint_loads_or_raises_checkpoint_error(data, tmp_path_factory):
