@@ -18,6 +18,7 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Iterable
 from datetime import datetime
 from itertools import islice
 from pathlib import Path
@@ -46,6 +47,7 @@ from utils import (
 PER_PROCESS_ARGS = ("resume", "run_name", "runs_dir", "device")
 # Settings that decide what is trained: resuming refuses other values (and compares the model config too).
 RUN_ARGS = ("dataset", "val_size", "epochs", "batch_size", "lr", "weight_decay", "max_shift", "seed", "amp", "dry_run")
+# What --resume needs from a checkpoint, besides loading safely.
 RESUME_KEYS = ("model", "optimizer", "scheduler", "config", "args", "step", "epoch", "best_accuracy", "history", "rng", "epoch_loss_sum")
 
 
@@ -174,7 +176,7 @@ def restore_rng_states(states: dict, augment_generator: torch.Generator, device:
         torch.cuda.set_rng_state(states["cuda"].cpu(), device)
 
 
-def all_finite(tensors) -> bool:
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     return bool(torch.stack([torch.isfinite(t).all() for t in tensors if t.is_floating_point()]).all())
 
 
