@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from metrics import image_retrieval
 
 import train
 from clip import clip_loss
 from dataset import load_splits, normalize
 from inference import load_model
+from metrics import image_retrieval
 from text_encoder import DIGIT_CAPTIONS, DigitTextEncoder
 from utils import embed_images, pick_device, zero_shot_accuracy
 

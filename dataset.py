@@ -9,6 +9,7 @@ DataLoader workers, no per-sample PIL conversion (the airbench recipe).
 from __future__ import annotations
 
 import math
+import struct
 import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,10 @@ DATASETS = ("mnist", "digits")
 
 class DataError(RuntimeError):
     """A data set cannot be loaded; the message says why and what to do."""
+
+
+class ImageError(ValueError):
+    """A picture cannot be turned into a digit; the message says why."""
 
 
 @dataclass
@@ -77,17 +82,58 @@ def load_mnist(data_dir: str | Path) -> tuple[Split, Split]:
 
     root = Path(data_dir)
     raw = root / "MNIST" / "raw"
+    if root.exists() and not root.is_dir():
+        raise DataError(f"--data-dir {root} is a file, not a folder")
+    root_existed = root.is_dir()  # the download creates it, even when it then fails
+    if all((raw / name).is_file() for name in MNIST_FILES):
+        # Nothing will be downloaded: check the files first, as torchvision's reader fails obscurely on damaged ones.
+        check_mnist_files(raw)
     try:
         splits = [MNIST(str(root), train=train, download=True) for train in (True, False)]
     except (urllib.error.URLError, OSError, RuntimeError) as error:
         missing = [name for name in MNIST_FILES if not (raw / name).exists()]
         if not missing:
             raise DataError(f"could not read MNIST in {raw}: {error}; delete the folder to download it afresh") from error
+        absent = f"--data-dir {root} does not exist" if not root_existed else f"MNIST is not in {raw}"
         raise DataError(
-            f"MNIST is not in {raw} and could not be downloaded ({type(error).__name__}); "
-            f"put the files {', '.join(MNIST_FILES)} there, or run offline with --dataset digits"
+            f"{absent} and could not be downloaded ({type(error).__name__}); "
+            f"put the files {', '.join(MNIST_FILES)} in {raw}, or run offline with --dataset digits"
         ) from error
     return tuple(Split(s.data.clone(), s.targets.clone()) for s in splits)
+
+
+def check_mnist_files(raw: Path) -> None:
+    """Check MNIST's four IDX files in `raw` from their headers and sizes; DataError naming a bad one."""
+    for prefix in ("train", "t10k"):
+        images, labels = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
+        n_images, n_labels = check_idx_file(images, (IMAGE_SIZE, IMAGE_SIZE)), check_idx_file(labels, ())
+        if n_images != n_labels:
+            raise DataError(f"{images} holds {n_images:,} images but {labels} {n_labels:,} labels; delete both to download MNIST afresh")
+
+
+def check_idx_file(path: Path, item_shape: tuple[int, ...]) -> int:
+    """The number of items in `path`, an uncompressed IDX file of uint8 items of `item_shape`
+    as MNIST ships them: a magic number (0, 0, 0x08 for uint8, number of dimensions), one
+    big-endian uint32 size per dimension, then the bytes. DataError naming the file otherwise."""
+    ndim = 1 + len(item_shape)
+    kind = "image" if item_shape else "label"
+    fresh = "delete it to download MNIST afresh"
+    try:
+        with path.open("rb") as file:
+            header = file.read(4 + 4 * ndim)
+        size = path.stat().st_size
+    except OSError as error:
+        raise DataError(f"cannot read {path}: {error.strerror}") from error
+    if len(header) < 4 + 4 * ndim or header[:4] != bytes((0, 0, 0x08, ndim)):
+        raise DataError(f"{path} is not an MNIST {kind} file; {fresh}")
+    count, *shape = struct.unpack(f">{ndim}I", header[4:])
+    if tuple(shape) != item_shape:
+        raise DataError(f"{path} holds items of shape {tuple(shape)}, not MNIST's {item_shape}; {fresh}")
+    expected = len(header) + count * math.prod(item_shape)
+    if size != expected:
+        problem = "is truncated" if size < expected else "is longer than its header says"
+        raise DataError(f"{path} {problem} ({size:,} bytes, expected {expected:,}); {fresh}")
+    return count
 
 
 def load_sklearn_digits(test_size: int = 360) -> tuple[Split, Split]:
@@ -146,28 +192,33 @@ def batches(split: Split, batch_size: int, generator: torch.Generator | None = N
 def to_mnist_style(image) -> torch.Tensor:
     """A PIL image of a digit, dark on light or light on dark, any size and mode ->
     (28, 28) uint8 as MNIST was made: white ink on black, the ink fitted into
-    20x20 keeping its aspect ratio and centred by its centre of mass."""
+    20x20 keeping its aspect ratio and centred by its centre of mass.
+    ImageError says why when there is no digit to be found."""
     import numpy as np
     from PIL import Image, ImageOps
 
+    if image.width == 0 or image.height == 0:
+        raise ImageError(f"the picture has no pixels ({image.width}x{image.height})")
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        # Transparent pixels are paper: composite onto white.
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        pixels = np.asarray(image, dtype=np.float64)
-        pixels = pixels / 257.0 if pixels.max() > 255 else pixels  # 16-bit -> 8-bit range
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        # 16- and 32-bit grey: NaN and infinities are no ink, and the 16-bit range maps onto 8 bits.
+        pixels = np.nan_to_num(np.asarray(image), nan=0.0, posinf=65535.0, neginf=0.0).clip(0, 65535).astype(np.float64)
+        pixels = pixels / 257.0 if pixels.max() > 255 else pixels
     else:
-        pixels = np.asarray(image.convert("L"), dtype=np.float64)
+        try:
+            rgba = image.convert("RGBA")  # every other mode, transparency included
+        except ValueError as error:
+            raise ImageError(f"pictures in colour mode {image.mode} are not supported: save it as PNG or JPEG") from error
+        # Transparent pixels are paper: composite onto white.
+        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        pixels = np.asarray(Image.alpha_composite(paper, rgba).convert("L"), dtype=np.float64)
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
     if np.median(border) > 127:  # light paper: make the ink the bright part, as in MNIST
         pixels = 255.0 - pixels
     background = np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]))
     contrast = pixels.max() - background
     if contrast < 32:
-        raise ValueError("no digit found: the picture is blank or has too little contrast")
+        raise ImageError("no digit found: the picture is blank or has too little contrast")
     ink = np.clip((pixels - background) / contrast, 0.0, 1.0)
 
     rows, cols = np.nonzero(ink > 0.2)
@@ -180,7 +231,7 @@ def to_mnist_style(image) -> torch.Tensor:
     canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE))
     total = digit.sum()
     if total == 0:
-        raise ValueError("no digit found: the ink vanished when scaled to 20x20")
+        raise ImageError("no digit found: the ink vanished when scaled to 20x20")
     grid_rows, grid_cols = np.indices(digit.shape)
     com_row, com_col = (grid_rows * digit).sum() / total, (grid_cols * digit).sum() / total
     top = int(np.clip(round(IMAGE_SIZE / 2 - com_row), 0, IMAGE_SIZE - digit.shape[0]))

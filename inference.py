@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 import figures
 from clip import CLIP, CLIPConfig
-from dataset import DATASETS, DataError, Split, load_splits, to_mnist_style
+from dataset import DATASETS, DataError, ImageError, Split, load_splits, to_mnist_style
 from metrics import evaluate_embeddings
 from utils import CheckpointError, class_embeddings, embed_images, latest_run, load_checkpoint, pick_device
 
@@ -61,12 +62,29 @@ def load_model(path: Path, device: torch.device) -> tuple[CLIP, dict]:
 
 
 def load_user_image(path: Path) -> torch.Tensor:
-    """An image file -> (28, 28) uint8 in MNIST's style; ValueError with the reason when impossible."""
+    """An image file -> (28, 28) uint8 in MNIST's style; ImageError with the reason when impossible."""
+    return to_mnist_style(read_image_file(path))
+
+
+def read_image_file(path: Path) -> Image.Image:
+    """Decode an image file whole (an animation's first frame); ImageError with the reason when impossible."""
+    if path.is_dir():
+        raise ImageError("it is a folder, not an image file")
     try:
-        with Image.open(path) as image:
-            return to_mnist_style(image)
-    except (UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"cannot read it as an image ({error.__class__.__name__}: {error})") from error
+        with warnings.catch_warnings():
+            # Pillow refuses more than twice MAX_IMAGE_PIXELS but only warns above it: refuse both, before decoding.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return image
+    except (FileNotFoundError, PermissionError) as error:
+        raise ImageError(f"cannot open it: {error.strerror}") from error
+    except UnidentifiedImageError as error:
+        raise ImageError("not a picture: the file is empty or of a kind Pillow cannot read") from error
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageError(f"refused: more than {Image.MAX_IMAGE_PIXELS:,} pixels, too large for a digit (a decompression bomb?)") from error
+    except Exception as error:  # Pillow reports damaged data as OSError, SyntaxError, ValueError, struct.error and more
+        raise ImageError(f"the picture is damaged or truncated ({type(error).__name__}: {error})") from error
 
 
 def print_similarities(name: str, similarities: torch.Tensor, probabilities: torch.Tensor) -> None:
@@ -176,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
         for path in args.image:
             try:
                 queries.append((path.name, load_user_image(path), None))
-            except ValueError as error:
+            except ImageError as error:
                 print(f"{path}: skipped, {error}")
     else:
         if not 0 <= args.index < len(test):

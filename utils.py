@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import signal
+import sys
 import tempfile
-import zipfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,8 @@ def save_checkpoint(state: dict, path: Path) -> None:
     try:
         with os.fdopen(handle, "wb") as file:
             torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())  # on disk before the rename, so a power cut cannot leave an empty file
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
@@ -62,17 +66,59 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be loaded; the message names the file and the problem."""
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> dict:
-    """Load a checkpoint safely: `weights_only=True` refuses pickles that would run code."""
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", keys: tuple[str, ...] = ("model", "config")) -> dict:
+    """Load a checkpoint safely: `weights_only=True` refuses pickles that would run code.
+    CheckpointError names the file when it cannot be loaded or lacks one of `keys`."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: train one with `python train.py` or pass --checkpoint PATH")
+        raise CheckpointError(f"no checkpoint at {path}: check the path, or train one with `python train.py`")
     try:
-        return torch.load(path, map_location=device, weights_only=True)
+        with warnings.catch_warnings():
+            # torch warns about the pickle protocol of files that are not zip archives; the error below says it all.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{path} holds objects other than tensors and plain values; refusing to load it") from error
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
-        raise CheckpointError(f"{path} is truncated or not a checkpoint ({error}); use another checkpoint") from error
+        raise CheckpointError(
+            f"{path} is damaged, or holds objects other than tensors and plain values (which could run code when loaded); refusing to load it"
+        ) from error
+    except Exception as error:  # a damaged file fails in torch.load as RuntimeError, EOFError, KeyError, ValueError and more
+        raise CheckpointError(f"{path} is truncated or damaged, or not a checkpoint; use another checkpoint") from error
+    missing = [key for key in keys if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint written by train.py: it lacks {', '.join(missing)}")
+    return state
+
+
+class GracefulStop:
+    """Within `with GracefulStop() as stop:`, the first Ctrl-C (SIGINT) or SIGTERM only
+    sets `stop.received`, so a training loop can finish its step, save and exit; a second
+    one exits at once, without saving. The previous handlers come back on leaving."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> GracefulStop:
+        self.received: signal.Signals | None = None
+        self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by a signal: 130 for SIGINT, 143 for SIGTERM."""
+        return 128 + self.received
+
+    def _handle(self, number: int, frame) -> None:
+        if self.received is not None:
+            print(f"\n{signal.Signals(number).name} again: stopping now, without saving", file=sys.stderr)
+            raise SystemExit(128 + number)
+        self.received = signal.Signals(number)
+        print(
+            f"\n{self.received.name}: stopping after this training step, which is saved; Ctrl-C again stops at once, unsaved",
+            file=sys.stderr,
+        )
 
 
 def latest_run(runs_dir: Path = RUNS_DIR, filename: str = "best.pt") -> Path:

@@ -1,3 +1,4 @@
+import gzip
 import struct
 import urllib.error
 from pathlib import Path
@@ -111,3 +112,55 @@ def test_user_pictures_become_mnist_style(size, mode, ink, paper):
 def test_blank_picture_is_refused_with_a_reason():
     with pytest.raises(ValueError, match="no digit"):
         to_mnist_style(Image.new("RGB", (50, 50), "white"))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def garble_header(path: Path) -> None:
+    path.write_bytes(b"\xff\xd8\xff\xe0" + path.read_bytes()[4:])
+
+
+def gzip_in_place(path: Path) -> None:
+    path.write_bytes(gzip.compress(path.read_bytes()))
+
+
+def labels_in_place_of_images(path: Path) -> None:
+    path.write_bytes((path.parent / "train-labels-idx1-ubyte").read_bytes())
+
+
+def fewer_labels(path: Path) -> None:
+    write_idx(path, np.arange(39) % 10)
+
+
+@pytest.mark.parametrize(
+    "damage, name, problem",
+    [
+        (truncate, "train-images-idx3-ubyte", "is truncated"),
+        (garble_header, "t10k-images-idx3-ubyte", "is not an MNIST image file"),
+        (gzip_in_place, "t10k-labels-idx1-ubyte", "is not an MNIST label file"),
+        (labels_in_place_of_images, "train-images-idx3-ubyte", "is not an MNIST image file"),
+        (fewer_labels, "train-labels-idx1-ubyte", "holds 40 images but .* 39 labels"),
+    ],
+)
+def test_damaged_mnist_files_are_named_with_a_fresh_download_suggested(damage, name: str, problem: str, tmp_path: Path):
+    write_tiny_mnist(tmp_path)
+    raw = tmp_path / "MNIST" / "raw"
+    damage(raw / name)
+    with pytest.raises(DataError, match=problem) as error:
+        load_mnist(tmp_path)
+    message = str(error.value)
+    assert str(raw / name) in message and "afresh" in message and "\n" not in message
+
+
+def test_a_data_dir_that_does_not_exist_is_reported_as_such(tmp_path: Path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr("torchvision.datasets.mnist.download_and_extract_archive", no_network)
+    with pytest.raises(DataError, match=f"--data-dir {tmp_path / 'typo'} does not exist"):
+        load_mnist(tmp_path / "typo")
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(DataError, match="is a file, not a folder"):
+        load_mnist(tmp_path / "a-file")

@@ -65,9 +65,33 @@ def flatten(tree, prefix: str = "") -> dict:
     return {k: v for key, sub in items for k, v in flatten(sub, f"{prefix}/{key}").items()}
 
 
-@pytest.mark.parametrize("flag, value", [("--epochs", "0"), ("--batch-size", "-4"), ("--lr", "0"), ("--dataset", "cifar")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--epochs", "0"),
+        ("--epochs", "-3"),
+        ("--epochs", "ten"),
+        ("--batch-size", "0"),
+        ("--batch-size", "-4"),
+        ("--lr", "0"),
+        ("--lr", "-0.001"),
+        ("--lr", "nan"),
+        ("--lr", "inf"),
+        ("--dataset", "cifar"),
+    ],
+)
 def test_invalid_arguments_are_refused_with_usage(flag: str, value: str, capsys):
     with pytest.raises(SystemExit) as exit_info:
         train.parse_args([flag, value])
     assert exit_info.value.code == 2
     assert "usage:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", [train, inference])
+def test_device_cuda_without_cuda_is_refused_with_usage(script, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        script.parse_args(["--device", "cuda"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "usage:" in err and "CUDA is not available" in err
