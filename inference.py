@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint to load (default: the newest runs/*/best.pt)")
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where to look for the newest run")
     p.add_argument("--dataset", choices=DATASETS, default=None, help="test data (default: the checkpoint's)")
-    p.add_argument("--data-dir", default="data", help="folder that holds (or receives) MNIST")
+    p.add_argument("--data-dir", default=None, help="folder that holds (or receives) MNIST (default: the one the model was trained on)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to run")
     p.add_argument("--index", type=int, default=0, help="test image to classify and to query with")
     p.add_argument("--image", type=Path, nargs="+", default=None, help="your own image files to classify instead")
@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_model(path: Path, device: torch.device) -> tuple[CLIP, dict]:
     """Rebuild the model from the config stored in its checkpoint."""
-    state = load_checkpoint(path, device)
+    state = load_checkpoint(path, device, keys=("model", "config", "dataset", "args", "epoch", "best_accuracy", "history"))
     model = CLIP(CLIPConfig.from_dict(state["config"])).to(device).to(memory_format=torch.channels_last)
     model.load_state_dict(state["model"])
     return model.eval(), state
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = args.output_dir or checkpoint.parent
     print(f"loaded {checkpoint} (epoch {state['epoch']}, validation accuracy {state['best_accuracy']:.2%})")
 
-    test = load_splits(args.dataset or state["dataset"], args.data_dir, val_size=1).test
+    test = load_splits(args.dataset or state["dataset"], args.data_dir or state["args"]["data_dir"], val_size=1).test
     test_features = embed_images(model, test.images)  # (N, D)
     text_features = class_embeddings(model)  # (10, D)
     scale = model.logit_scale.exp().item()
