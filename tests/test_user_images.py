@@ -162,7 +162,15 @@ def untrained_checkpoint(tmp_path_factory) -> Path:
     """Inference needs a model, not a good one: an untrained small one saves a training run."""
     config = CLIPConfig(image_widths=(8, 16), text_hidden_dim=16, embed_dim=16)
     path = tmp_path_factory.mktemp("run") / "best.pt"
-    state = {"model": CLIP(config).state_dict(), "config": config.to_dict(), "epoch": 0, "best_accuracy": 0.0, "dataset": "digits"}
+    state = {
+        "model": CLIP(config).state_dict(),
+        "config": config.to_dict(),
+        "dataset": "digits",
+        "args": {"data_dir": "data"},
+        "epoch": 0,
+        "best_accuracy": 0.0,
+        "history": [],
+    }
     save_checkpoint(state, path)
     return path
 
