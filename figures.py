@@ -20,9 +20,14 @@ from matplotlib.figure import Figure
 from sklearn.manifold import TSNE
 from threadpoolctl import threadpool_limits
 
-from utils import show_digit
-
 DPI = 90  # small PNGs that still read well
+
+
+def show_digit(axis, image: torch.Tensor, title: str, color: str = "black") -> None:
+    """Draw one (28, 28) uint8 digit on a matplotlib axis, without ticks."""
+    axis.imshow(image.cpu().numpy(), cmap="gray", vmin=0, vmax=255)
+    axis.set_title(title, fontsize=9, color=color)
+    axis.axis("off")
 
 
 def save(figure: Figure, path: Path, writer=None, tag: str | None = None, step: int = 0) -> Path:

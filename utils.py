@@ -1,4 +1,4 @@
-"""Helpers shared by train.py and inference.py: devices, seeding, checkpoints, figures."""
+"""Helpers shared by the scripts: devices, seeding, safe checkpoints, embedding images."""
 
 from __future__ import annotations
 
@@ -127,13 +127,6 @@ def latest_run(runs_dir: Path = RUNS_DIR, filename: str = "best.pt") -> Path:
     if not candidates:
         raise CheckpointError(f"no {filename} under {runs_dir}/: train a model with `python train.py` first")
     return candidates[-1]
-
-
-def show_digit(axis, image: torch.Tensor, title: str, color: str = "black") -> None:
-    """Draw one (28, 28) uint8 digit on a matplotlib axis, without ticks."""
-    axis.imshow(image.cpu().numpy(), cmap="gray", vmin=0, vmax=255)
-    axis.set_title(title, fontsize=9, color=color)
-    axis.axis("off")
 
 
 @torch.inference_mode()
