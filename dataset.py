@@ -14,8 +14,10 @@ import urllib.error
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps
 
 IMAGE_SIZE = 28
 # Mean and standard deviation of MNIST's training pixels, scaled to [0, 1].
@@ -189,14 +191,11 @@ def batches(split: Split, batch_size: int, generator: torch.Generator | None = N
         yield split.images[idx], split.labels[idx]
 
 
-def to_mnist_style(image) -> torch.Tensor:
+def to_mnist_style(image: Image.Image) -> torch.Tensor:
     """A PIL image of a digit, dark on light or light on dark, any size and mode ->
     (28, 28) uint8 as MNIST was made: white ink on black, the ink fitted into
     20x20 keeping its aspect ratio and centred by its centre of mass.
     ImageError says why when there is no digit to be found."""
-    import numpy as np
-    from PIL import Image, ImageOps
-
     if image.width == 0 or image.height == 0:
         raise ImageError(f"the picture has no pixels ({image.width}x{image.height})")
     image = ImageOps.exif_transpose(image)
@@ -212,10 +211,9 @@ def to_mnist_style(image) -> torch.Tensor:
         # Transparent pixels are paper: composite onto white.
         paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         pixels = np.asarray(Image.alpha_composite(paper, rgba).convert("L"), dtype=np.float64)
-    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    if np.median(border) > 127:  # light paper: make the ink the bright part, as in MNIST
-        pixels = 255.0 - pixels
-    background = np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]))
+    background = np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]))  # the paper, at the border
+    if background > 127:  # light paper: make the ink the bright part, as in MNIST
+        pixels, background = 255.0 - pixels, 255.0 - background
     contrast = pixels.max() - background
     if contrast < 32:
         raise ImageError("no digit found: the picture is blank or has too little contrast")
