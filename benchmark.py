@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 import train
 from clip import clip_loss
-from dataset import load_splits, normalize
+from dataset import Splits, load_splits, normalize
 from inference import load_model
 from metrics import image_retrieval
 from text_encoder import DIGIT_CAPTIONS, DigitTextEncoder
@@ -99,7 +99,7 @@ class ReferenceCLIP(nn.Module):
         return self.encode_image(images) @ self.encode_text(tokens).T
 
 
-def train_reference(splits, device: torch.device, seconds: float, seed: int, eval_every: float = 10.0) -> dict:
+def train_reference(splits: Splits, device: torch.device, seconds: float, seed: int, eval_every: float = 10.0) -> dict:
     """Train the reference recipe for `seconds` of training time (evaluations not counted)."""
     torch.manual_seed(seed)
     model = ReferenceCLIP().to(device)
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
             results[setting] = [run_project(setting, seed, args.data_dir, Path(runs_dir), test) for seed in range(args.runs)]
     budget = statistics.median(run["train_seconds"] for run in results["default"])
 
-    device_splits = type(splits)(splits.train.to(device), splits.val.to(device), test)
+    device_splits = Splits(splits.train.to(device), splits.val.to(device), test)
     results["reference"] = []
     for seed in range(args.runs):
         print(f"reference recipe, seed {seed}: training for {budget:.0f} s")
