@@ -10,6 +10,13 @@ from __future__ import annotations
 
 import torch
 
+# Image retrieval ranks a gallery image by its cosine with the query plus this weight
+# times its typicality (below), so that ambiguous images lying between two digits'
+# clusters do not crowd out clear ones. Both numbers were chosen on the validation
+# split, where they raised top-5 precision from 0.9944 to 0.9958 (README, Results).
+TYPICALITY_NEIGHBOURS = 50
+TYPICALITY_WEIGHT = 3.0
+
 
 def rank_of_label(similarities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(N, C) similarities -> (N,) 1-based rank of each row's own label among the C columns.
@@ -44,27 +51,53 @@ def image_to_text(image_features: torch.Tensor, text_features: torch.Tensor, lab
     return {"recall@1": (ranks <= 1).float().mean().item(), "mean_rank": ranks.mean().item()}
 
 
-def image_retrieval(features: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10), chunk_size: int = 1024) -> dict:
+def typicality(features: torch.Tensor, k: int = TYPICALITY_NEIGHBOURS, chunk_size: int = 1024) -> torch.Tensor:
+    """(N,) how typical each image is of the others: its mean cosine with its k nearest ones.
+
+    A clear digit lies inside its digit's dense cluster and scores near 1; an
+    ambiguous one lies between clusters, with fewer close neighbours, and scores
+    lower. k shrinks to N - 1 for a smaller gallery.
+    """
+    k = min(k, len(features) - 1)
+    scores = []
+    for start in range(0, len(features), chunk_size):
+        similarities = features[start : start + chunk_size] @ features.T
+        rows = torch.arange(len(similarities), device=features.device)
+        similarities[rows, start + rows] = -float("inf")  # an image is not its own neighbour
+        scores.append(similarities.topk(k, dim=1).values.mean(dim=1))
+    return torch.cat(scores)
+
+
+def image_retrieval(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    ks: tuple[int, ...] = (1, 5, 10),
+    typicality_weight: float = TYPICALITY_WEIGHT,
+    chunk_size: int = 1024,
+) -> dict:
     """Each image queries all the others (never itself); a neighbour is relevant when it shows the same digit.
 
-    precision@k is the share of relevant images among the k nearest, averaged over
-    queries. Average precision averages the precision at the rank of every relevant
-    image, so it rewards ranking all of them first; mAP is its mean over the queries
-    that have at least one relevant image. Queries are processed `chunk_size` at a
-    time, so memory grows as chunk_size x N, never N x N.
+    The others are ranked by their cosine with the query plus `typicality_weight`
+    times their typicality (0: by the cosine alone). precision@k is the share of
+    relevant images among the k first, averaged over queries. Average precision
+    averages the precision at the rank of every relevant image, so it rewards
+    ranking all of them first; mAP is its mean over the queries that have at least
+    one relevant image. Queries are processed `chunk_size` at a time, so memory
+    grows as chunk_size x N, never N x N.
     """
     n = len(features)
     if min(ks) < 1 or max(ks) >= n:
         raise ValueError(f"precision@k needs 0 < k < {n} (the number of other images), got ks={ks}")
+    prior = typicality_weight * typicality(features, chunk_size=chunk_size) if typicality_weight else 0.0
     positions = torch.arange(1, n, device=features.device, dtype=torch.float32)  # ranks 1..N-1
     precision_sums = dict.fromkeys(ks, 0.0)
     ap_sum, ap_queries = 0.0, 0
     for start in range(0, n, chunk_size):
         queries = features[start : start + chunk_size]
         rows = torch.arange(len(queries), device=features.device)
-        similarities = queries @ features.T  # (B, N)
-        similarities[rows, start + rows] = -float("inf")  # each query sorts itself last...
-        order = similarities.argsort(dim=1, descending=True)[:, :-1]  # ...and drops out here
+        scores = queries @ features.T + prior  # (B, N)
+        scores[rows, start + rows] = -float("inf")  # each query sorts itself last...
+        order = scores.argsort(dim=1, descending=True)[:, :-1]  # ...and drops out here
         relevant = (labels[order] == labels[start : start + len(queries), None]).float()  # (B, N-1)
         for k in ks:
             precision_sums[k] += (relevant[:, :k].sum(dim=1) / k).sum().item()
@@ -110,11 +143,13 @@ def similarity_gap(image_features: torch.Tensor, text_features: torch.Tensor, la
     return {"matching": matching_mean, "non_matching": non_matching_mean, "gap": matching_mean - non_matching_mean}
 
 
-def evaluate_embeddings(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor) -> dict:
+def evaluate_embeddings(
+    image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor, typicality_weight: float = TYPICALITY_WEIGHT
+) -> dict:
     """All of the above for one split, grouped as metrics.json stores them."""
     return {
         "zero_shot": zero_shot_classification(image_features, text_features, labels),
-        "image_to_image": image_retrieval(image_features, labels),
+        "image_to_image": image_retrieval(image_features, labels, typicality_weight=typicality_weight),
         "text_to_image": text_to_image(image_features, text_features, labels),
         "image_to_text": image_to_text(image_features, text_features, labels),
         "similarity": similarity_gap(image_features, text_features, labels),

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metrics import image_retrieval, image_to_text, similarity_gap, text_to_image, zero_shot_classification
+from metrics import image_retrieval, image_to_text, similarity_gap, text_to_image, typicality, zero_shot_classification
 
 
 def on_circle(degrees: list[float]) -> torch.Tensor:
@@ -19,11 +19,35 @@ def test_image_retrieval_matches_a_hand_computed_case(chunk_size: int):
     # 0 deg: 20 30 90 -> 1 0 0, AP 1;   20 deg: 30 0 90 -> 0 1 0, AP 1/2
     # 30 deg: 20 0 90 -> 0 0 1, AP 1/3; 90 deg: 30 20 0 -> 1 0 0, AP 1
     features, labels = on_circle([0, 20, 30, 90]), torch.tensor([0, 0, 1, 1])
-    result = image_retrieval(features, labels, ks=(1, 2, 3), chunk_size=chunk_size)
+    result = image_retrieval(features, labels, ks=(1, 2, 3), typicality_weight=0, chunk_size=chunk_size)
     assert result["precision@1"] == pytest.approx(2 / 4)
     assert result["precision@2"] == pytest.approx((1 / 2 + 1 / 2 + 0 + 1 / 2) / 4)
     assert result["precision@3"] == pytest.approx(1 / 3)
     assert result["mAP"] == pytest.approx((1 + 1 / 2 + 1 / 3 + 1) / 4)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1024])
+def test_typicality_is_the_mean_cosine_with_the_nearest_others(chunk_size: int):
+    def cos(degrees: float) -> float:
+        return math.cos(math.radians(degrees))
+
+    features = on_circle([0, 20, 30, 90])  # each image's two nearest others are 20 and 30, 10 and 20, 10 and 30, 60 and 70 deg away
+    expected = [(cos(20) + cos(30)) / 2, (cos(10) + cos(20)) / 2, (cos(10) + cos(30)) / 2, (cos(60) + cos(70)) / 2]
+    assert typicality(features, k=2, chunk_size=chunk_size).tolist() == pytest.approx(expected)
+    assert typicality(features, k=10).tolist() == pytest.approx(typicality(features, k=3).tolist())  # k shrinks to N - 1
+
+
+def test_typicality_keeps_an_ambiguous_image_out_of_a_clear_query_s_neighbours():
+    # Sixty clear 0s at 0-3 deg and sixty clear 1s at 60-63 deg; between them a 0 at 12 deg
+    # and an ambiguous 1 at 20 deg. By cosine, the 0 at 12 deg finds the 1 at 20 deg (8 deg away)
+    # before the nearest clear 0 (9 deg away), and the 1 at 20 deg finds the 0 at 12 deg.
+    # Typicality ranks the clear 0 first for the 0 at 12 deg; the ambiguous 1's own top
+    # neighbour stays the 0 at 12 deg, the only image within 17 deg of it.
+    clear = torch.linspace(0, 3, 60)
+    features = on_circle([*clear.tolist(), *(clear + 60).tolist(), 12, 20])
+    labels = torch.tensor([0] * 60 + [1] * 60 + [0, 1])
+    assert image_retrieval(features, labels, ks=(1,), typicality_weight=0)["precision@1"] == pytest.approx(120 / 122)
+    assert image_retrieval(features, labels, ks=(1,))["precision@1"] == pytest.approx(121 / 122)
 
 
 def test_perfect_embedding_has_precision_and_map_one():
