@@ -20,7 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 import figures
 from clip import CLIP, CLIPConfig
 from dataset import DATASETS, DataError, ImageError, Split, load_splits, to_mnist_style
-from metrics import evaluate_embeddings
+from metrics import TYPICALITY_WEIGHT, evaluate_embeddings, typicality
 from utils import CheckpointError, class_embeddings, embed_images, latest_run, load_checkpoint, pick_device
 
 TOP_K = 5
@@ -43,6 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--output-dir", type=Path, default=None, help="where figures go (default: the checkpoint's run folder)")
     p.add_argument(
+        "--typicality-weight",
+        type=non_negative_float,
+        default=TYPICALITY_WEIGHT,
+        help="image retrieval ranks by cosine plus this weight times how typical an image is of its digit (0: by cosine alone)",
+    )
+    p.add_argument(
         "--evaluate", action="store_true", help="measure the full test split instead: metrics.json, figures in evaluation/, TensorBoard"
     )
     args = p.parse_args(argv)
@@ -51,6 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as error:
         p.error(str(error))
     return args
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be zero or a positive number, got {text}")
+    return value
 
 
 def load_model(path: Path, device: torch.device) -> tuple[CLIP, dict]:
@@ -87,6 +100,20 @@ def read_image_file(path: Path) -> Image.Image:
         raise ImageError(f"the picture is damaged or truncated ({type(error).__name__}: {error})") from error
 
 
+def nearest_images(
+    queries: torch.Tensor, gallery: torch.Tensor, gallery_prior: torch.Tensor, exclude: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, TOP_K) indices of the gallery images ranked first for each query, by cosine plus
+    `gallery_prior` (typicality_weight x typicality), and their cosines; `exclude` holds each
+    query's own gallery index, which is never its own neighbour."""
+    cosines = queries @ gallery.T
+    scores = cosines + gallery_prior
+    if exclude is not None:
+        scores[torch.arange(len(queries)), exclude] = -float("inf")
+    indices = scores.topk(TOP_K).indices
+    return indices, cosines.gather(1, indices)
+
+
 def print_similarities(name: str, similarities: torch.Tensor, probabilities: torch.Tensor) -> None:
     top2 = probabilities.topk(2)
     predicted, runner_up = top2.indices.tolist()
@@ -114,11 +141,13 @@ def print_metrics(metrics: dict, n_images: int) -> None:
     )
 
 
-def evaluate(test: Split, image_features: torch.Tensor, text_features: torch.Tensor, state: dict, output_dir: Path) -> dict:
+def evaluate(
+    test: Split, image_features: torch.Tensor, text_features: torch.Tensor, state: dict, output_dir: Path, typicality_weight: float
+) -> dict:
     """Every metric on the full test split, printed and written to output_dir/metrics.json; the
     figures as PNGs in output_dir/evaluation/ and, with the embedding projector, in TensorBoard."""
     labels = test.labels
-    metrics = evaluate_embeddings(image_features, text_features, labels)
+    metrics = evaluate_embeddings(image_features, text_features, labels, typicality_weight)
     print_metrics(metrics, len(test))
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "metrics.json").write_text(json.dumps({"test_images": len(test), **metrics}, indent=2))
@@ -137,12 +166,11 @@ def evaluate(test: Split, image_features: torch.Tensor, text_features: torch.Ten
     )
 
     queries = torch.stack([(labels == digit).nonzero()[0, 0] for digit in labels.unique()])  # the first image of each digit
-    gallery_scores = image_features[queries] @ image_features.T
-    gallery_scores[torch.arange(len(queries)), queries] = -float("inf")  # a query is not its own neighbour
-    top = gallery_scores.topk(TOP_K)
+    prior = typicality_weight * typicality(image_features)
+    nearest, cosines = nearest_images(image_features[queries], image_features, prior, exclude=queries)
     query_titles = [f"query ({label})" for label in labels[queries].tolist()]
     figure = figures.plot_retrieval(
-        list(test.images[queries]), test.images[top.indices], labels[top.indices], top.values, labels[queries].tolist(), query_titles
+        list(test.images[queries]), test.images[nearest], labels[nearest], cosines, labels[queries].tolist(), query_titles
     )
     save(figure, "image_retrieval")
 
@@ -186,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
     accuracy = (predictions == test.labels).float().mean().item()
     print(f"zero-shot accuracy on the {len(test):,} test images: {accuracy:.2%}")
     if args.evaluate:
-        metrics = evaluate(test, test_features.cpu(), text_features.cpu(), state, output_dir)
+        metrics = evaluate(test, test_features.cpu(), text_features.cpu(), state, output_dir, args.typicality_weight)
         return {"accuracy": accuracy, "metrics": metrics}
 
     if args.image:
@@ -201,27 +229,22 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"error: --index {args.index} is outside the test split: pick 0 to {len(test) - 1}")
         queries = [(f"test image {args.index} (a {test.labels[args.index]})", test.images[args.index], args.index)]
 
+    gallery_prior = args.typicality_weight * typicality(test_features)
     results = []
     for name, image, test_index in queries:
         features = embed_images(model, image[None])[0]
         similarities = (features @ text_features.T).cpu()
         probabilities = (scale * similarities).softmax(dim=0)
         print_similarities(name, similarities, probabilities)
-        gallery_scores = (test_features @ features).cpu()
-        if test_index is not None:
-            gallery_scores[test_index] = -float("inf")  # the query is not its own neighbour
-        top = gallery_scores.topk(TOP_K)
+        exclude = None if test_index is None else torch.tensor([test_index], device=test_features.device)
+        nearest, cosines = nearest_images(features[None], test_features, gallery_prior, exclude)
+        nearest, cosines = nearest[0].cpu(), cosines.cpu()
         predicted = int(probabilities.argmax())
         figure = figures.plot_retrieval(
-            [image],
-            test.images[top.indices][None],
-            test.labels[top.indices][None],
-            top.values[None],
-            [predicted],
-            [f"query\npredicted {predicted}"],
+            [image], test.images[nearest][None], test.labels[nearest][None], cosines, [predicted], [f"query\npredicted {predicted}"]
         )
         figure_path = figures.save(figure, output_dir / f"retrieval_{Path(name).stem if test_index is None else test_index}.png")
-        print(f"  top-{TOP_K} similar test images: labels {test.labels[top.indices].tolist()}, figure {figure_path}")
+        print(f"  top-{TOP_K} similar test images: labels {test.labels[nearest].tolist()}, figure {figure_path}")
         results.append({"name": name, "predicted": predicted, "probabilities": probabilities.tolist(), "figure": figure_path})
     if args.image and results:
         # What the model saw, beside what it made of it: the check when a prediction surprises.

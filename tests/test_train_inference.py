@@ -87,6 +87,14 @@ def test_invalid_arguments_are_refused_with_usage(flag: str, value: str, capsys)
     assert "usage:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "high"])
+def test_invalid_typicality_weight_is_refused_with_usage(value: str, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        inference.parse_args(["--typicality-weight", value])
+    assert exit_info.value.code == 2
+    assert "usage:" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("script", [train, inference])
 def test_device_cuda_without_cuda_is_refused_with_usage(script, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
