@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--typicality-weight",
         type=non_negative_float,
         default=TYPICALITY_WEIGHT,
-        help="image retrieval ranks by cosine plus this weight times how typical an image is of its digit (0: by cosine alone)",
+        help="image retrieval ranks test images by cosine plus this weight times their typicality, their mean cosine with their nearest test images (0: by cosine alone)",
     )
     p.add_argument(
         "--evaluate", action="store_true", help="measure the full test split instead: metrics.json, figures in evaluation/, TensorBoard"
