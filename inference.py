@@ -20,7 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 import figures
 from clip import CLIP, CLIPConfig
 from dataset import DATASETS, DataError, ImageError, Split, load_splits, to_mnist_style
-from metrics import TYPICALITY_WEIGHT, evaluate_embeddings, typicality
+from metrics import TYPICALITY_WEIGHT, evaluate_embeddings, ranking_scores, typicality_bonus
 from utils import CheckpointError, class_embeddings, embed_images, latest_run, load_checkpoint, pick_device
 
 TOP_K = 5
@@ -101,16 +101,15 @@ def read_image_file(path: Path) -> Image.Image:
 
 
 def nearest_images(
-    queries: torch.Tensor, gallery: torch.Tensor, gallery_prior: torch.Tensor, exclude: torch.Tensor | None = None
+    queries: torch.Tensor, gallery: torch.Tensor, bonus: torch.Tensor, exclude: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Q, TOP_K) indices of the gallery images ranked first for each query, by cosine plus
-    `gallery_prior` (typicality_weight x typicality), and their cosines; `exclude` holds each
-    query's own gallery index, which is never its own neighbour."""
+    """(Q, TOP_K) indices of the gallery images ranked first for each query (by cosine, re-ranked
+    with the gallery's typicality `bonus`), and their cosines; `exclude` holds each query's own
+    gallery index, which is never its own neighbour."""
     cosines = queries @ gallery.T
-    scores = cosines + gallery_prior
     if exclude is not None:
-        scores[torch.arange(len(queries)), exclude] = -float("inf")
-    indices = scores.topk(TOP_K).indices
+        cosines[torch.arange(len(queries)), exclude] = -float("inf")
+    indices = ranking_scores(cosines, bonus).topk(TOP_K).indices
     return indices, cosines.gather(1, indices)
 
 
@@ -166,8 +165,8 @@ def evaluate(
     )
 
     queries = torch.stack([(labels == digit).nonzero()[0, 0] for digit in labels.unique()])  # the first image of each digit
-    prior = typicality_weight * typicality(image_features)
-    nearest, cosines = nearest_images(image_features[queries], image_features, prior, exclude=queries)
+    bonus = typicality_bonus(image_features, typicality_weight)
+    nearest, cosines = nearest_images(image_features[queries], image_features, bonus, exclude=queries)
     query_titles = [f"query ({label})" for label in labels[queries].tolist()]
     figure = figures.plot_retrieval(
         list(test.images[queries]), test.images[nearest], labels[nearest], cosines, labels[queries].tolist(), query_titles
@@ -229,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise SystemExit(f"error: --index {args.index} is outside the test split: pick 0 to {len(test) - 1}")
         queries = [(f"test image {args.index} (a {test.labels[args.index]})", test.images[args.index], args.index)]
 
-    gallery_prior = args.typicality_weight * typicality(test_features)
+    bonus = typicality_bonus(test_features, args.typicality_weight)
     results = []
     for name, image, test_index in queries:
         features = embed_images(model, image[None])[0]
@@ -237,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         probabilities = (scale * similarities).softmax(dim=0)
         print_similarities(name, similarities, probabilities)
         exclude = None if test_index is None else torch.tensor([test_index], device=test_features.device)
-        nearest, cosines = nearest_images(features[None], test_features, gallery_prior, exclude)
+        nearest, cosines = nearest_images(features[None], test_features, bonus, exclude)
         nearest, cosines = nearest[0].cpu(), cosines.cpu()
         predicted = int(probabilities.argmax())
         figure = figures.plot_retrieval(

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import torch
 
-# Image retrieval ranks a gallery image by its cosine with the query plus this weight
-# times its typicality (below), so that ambiguous images lying between two digits'
-# clusters do not crowd out clear ones. Both numbers were chosen on the validation
-# split, where they raised top-5 precision from 0.9944 to 0.9958, the mean of eight
-# trained models (README, Results).
+# Image retrieval re-ranks each query's RERANKED nearest images by their cosine with
+# the query plus TYPICALITY_WEIGHT times their typicality (below), so that ambiguous
+# images lying between two digits' clusters do not crowd out clear ones; the rest keep
+# their cosine order. The numbers were chosen on the validation split, where they raised
+# top-5 precision from 0.9944 to 0.9958, the mean of eight trained models (README, Results).
 TYPICALITY_NEIGHBOURS = 50
 TYPICALITY_WEIGHT = 3.0
+RERANKED = 50
 
 
 def rank_of_label(similarities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -69,6 +70,23 @@ def typicality(features: torch.Tensor, k: int = TYPICALITY_NEIGHBOURS, chunk_siz
     return torch.cat(scores)
 
 
+def typicality_bonus(gallery: torch.Tensor, weight: float = TYPICALITY_WEIGHT) -> torch.Tensor:
+    """(N,) what re-ranking adds to each gallery image's cosine: `weight` times its typicality,
+    less the smallest, so that no bonus is negative (a shift that leaves the order unchanged)."""
+    scores = typicality(gallery)
+    return weight * (scores - scores.min())
+
+
+def ranking_scores(similarities: torch.Tensor, bonus: torch.Tensor) -> torch.Tensor:
+    """(Q, N) query-gallery similarities -> (Q, N) scores that sort into the retrieval ranking.
+
+    Each query's RERANKED most similar images get their `bonus`; as no bonus is
+    negative, they stay ahead of the rest, which keep the order of their similarity.
+    """
+    shortlist = similarities.topk(min(RERANKED, similarities.shape[1]), dim=1).indices
+    return similarities.scatter_add(1, shortlist, bonus[shortlist])
+
+
 def image_retrieval(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -78,8 +96,8 @@ def image_retrieval(
 ) -> dict:
     """Each image queries all the others (never itself); a neighbour is relevant when it shows the same digit.
 
-    The others are ranked by their cosine with the query plus `typicality_weight`
-    times their typicality (0: by the cosine alone). precision@k is the share of
+    The others are ranked by their cosine with the query, re-ranked by
+    `ranking_scores` with `typicality_weight` (0: by the cosine alone). precision@k is the share of
     relevant images among the k first, averaged over queries. Average precision
     averages the precision at the rank of every relevant image, so it rewards
     ranking all of them first; mAP is its mean over the queries that have at least
@@ -89,16 +107,16 @@ def image_retrieval(
     n = len(features)
     if min(ks) < 1 or max(ks) >= n:
         raise ValueError(f"precision@k needs 0 < k < {n} (the number of other images), got ks={ks}")
-    prior = typicality_weight * typicality(features, chunk_size=chunk_size)
+    bonus = typicality_bonus(features, typicality_weight)
     positions = torch.arange(1, n, device=features.device, dtype=torch.float32)  # ranks 1..N-1
     precision_sums = dict.fromkeys(ks, 0.0)
     ap_sum, ap_queries = 0.0, 0
     for start in range(0, n, chunk_size):
         queries = features[start : start + chunk_size]
         rows = torch.arange(len(queries), device=features.device)
-        scores = queries @ features.T + prior  # (B, N)
-        scores[rows, start + rows] = -float("inf")  # each query sorts itself last...
-        order = scores.argsort(dim=1, descending=True)[:, :-1]  # ...and drops out here
+        similarities = queries @ features.T  # (B, N)
+        similarities[rows, start + rows] = -float("inf")  # each query sorts itself last...
+        order = ranking_scores(similarities, bonus).argsort(dim=1, descending=True)[:, :-1]  # ...and drops out here
         relevant = (labels[order] == labels[start : start + len(queries), None]).float()  # (B, N-1)
         for k in ks:
             precision_sums[k] += (relevant[:, :k].sum(dim=1) / k).sum().item()

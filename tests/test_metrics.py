@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metrics import image_retrieval, image_to_text, similarity_gap, text_to_image, typicality, zero_shot_classification
+import metrics
+from metrics import image_retrieval, image_to_text, ranking_scores, similarity_gap, text_to_image, typicality, zero_shot_classification
 
 
 def on_circle(degrees: list[float]) -> torch.Tensor:
@@ -48,6 +49,16 @@ def test_typicality_keeps_an_ambiguous_image_out_of_a_clear_query_s_neighbours()
     labels = torch.tensor([0] * 60 + [1] * 60 + [0, 1])
     assert image_retrieval(features, labels, ks=(1,), typicality_weight=0)["precision@1"] == pytest.approx(120 / 122)
     assert image_retrieval(features, labels, ks=(1,))["precision@1"] == pytest.approx(121 / 122)
+
+
+def test_reranking_reorders_only_each_query_s_shortlist(monkeypatch):
+    monkeypatch.setattr(metrics, "RERANKED", 2)
+    similarities = torch.tensor([[0.9, 0.8, 0.7, 0.1]])
+    bonus = torch.tensor([0.0, 0.5, 0.0, 1.0])
+    # The shortlist, images 0 and 1, scores 0.9 and 1.3; image 3's bonus would lift it to 1.1,
+    # but it is outside the shortlist, so images 2 and 3 follow in the order of their similarity.
+    order = ranking_scores(similarities, bonus).argsort(dim=1, descending=True)
+    assert order.tolist() == [[1, 0, 2, 3]]
 
 
 def test_perfect_embedding_has_precision_and_map_one():
