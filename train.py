@@ -8,7 +8,7 @@ test split. Everything lands in runs/<run-name>/ (TensorBoard logs, last.pt,
 best.pt).
 
 The defaults reach 99.62% zero-shot accuracy on MNIST's test split (mean of
-three seeds) in 196 s of training on a 2-core CPU; `--epochs 1 --batch-size 128
+three seeds) in 189 s of training on a 2-core CPU; `--epochs 1 --batch-size 128
 --lr 5e-3` reaches 99.15% in 14 s (python benchmark.py, README's results).
 
 Ctrl-C or SIGTERM ends the current step, saves last.pt and prints the command
