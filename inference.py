@@ -20,7 +20,7 @@ from torch.utils.tensorboard import SummaryWriter
 import figures
 from clip import CLIP, CLIPConfig
 from dataset import DATASETS, DataError, ImageError, Split, load_splits, to_mnist_style
-from metrics import TYPICALITY_WEIGHT, evaluate_embeddings, ranking_scores, typicality_bonus
+from metrics import RERANKED, TYPICALITY_NEIGHBOURS, TYPICALITY_WEIGHT, evaluate_embeddings, ranking_scores, typicality_bonus
 from utils import CheckpointError, class_embeddings, embed_images, latest_run, load_checkpoint, pick_device
 
 TOP_K = 5
@@ -46,7 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--typicality-weight",
         type=non_negative_float,
         default=TYPICALITY_WEIGHT,
-        help="image retrieval ranks test images by cosine plus this weight times their typicality, their mean cosine with their nearest test images (0: by cosine alone)",
+        help=f"image retrieval re-ranks a query's {RERANKED} nearest test images by cosine plus this weight times their typicality, "
+        f"their mean cosine with their own {TYPICALITY_NEIGHBOURS} nearest (0: by cosine alone)",
     )
     p.add_argument(
         "--evaluate", action="store_true", help="measure the full test split instead: metrics.json, figures in evaluation/, TensorBoard"

@@ -96,13 +96,13 @@ def image_retrieval(
 ) -> dict:
     """Each image queries all the others (never itself); a neighbour is relevant when it shows the same digit.
 
-    The others are ranked by their cosine with the query, re-ranked by
-    `ranking_scores` with `typicality_weight` (0: by the cosine alone). precision@k is the share of
-    relevant images among the k first, averaged over queries. Average precision
-    averages the precision at the rank of every relevant image, so it rewards
-    ranking all of them first; mAP is its mean over the queries that have at least
-    one relevant image. Queries are processed `chunk_size` at a time, so memory
-    grows as chunk_size x N, never N x N.
+    The others are ranked by their cosine with the query, and each query's nearest
+    are re-ranked by `ranking_scores` with `typicality_weight` (0: by the cosine
+    alone). precision@k is the share of relevant images among the k first, averaged
+    over queries. Average precision averages the precision at the rank of every
+    relevant image, so it rewards ranking all of them first; mAP is its mean over the
+    queries that have at least one relevant image. Queries are processed `chunk_size`
+    at a time, so memory grows as chunk_size x N, never N x N.
     """
     n = len(features)
     if min(ks) < 1 or max(ks) >= n:
