@@ -73,6 +73,8 @@ def typicality(features: torch.Tensor, k: int = TYPICALITY_NEIGHBOURS, chunk_siz
 def typicality_bonus(gallery: torch.Tensor, weight: float = TYPICALITY_WEIGHT) -> torch.Tensor:
     """(N,) what re-ranking adds to each gallery image's cosine: `weight` times its typicality,
     less the smallest, so that no bonus is negative (a shift that leaves the order unchanged)."""
+    if weight == 0:  # ranking by cosine alone: skip the gallery's nearest-neighbour search
+        return torch.zeros(len(gallery), device=gallery.device)
     scores = typicality(gallery)
     return weight * (scores - scores.min())
 
