@@ -37,7 +37,7 @@ from dataset import Splits, load_splits, normalize
 from inference import load_model
 from metrics import TYPICALITY_WEIGHT, image_retrieval
 from text_encoder import DIGIT_CAPTIONS, DigitTextEncoder
-from utils import embed_images, pick_device, zero_shot_accuracy
+from utils import PRECISIONS, embed_images, pick_device, resolve_precision, zero_shot_accuracy
 
 LEVELS = (0.98, 0.99, 0.995)
 SETTINGS = {"default": [], "fast": ["--epochs", "1", "--batch-size", "128", "--lr", "5e-3"]}
@@ -127,7 +127,7 @@ def train_reference(splits: Splits, device: torch.device, seconds: float, seed: 
             optimizer.step()
             steps += 1
         trained += time.perf_counter() - start
-        curve.append({"seconds": trained, "val_accuracy": zero_shot_accuracy(model, splits.val.images, splits.val.labels, amp=False)})
+        curve.append({"seconds": trained, "val_accuracy": zero_shot_accuracy(model, splits.val.images, splits.val.labels)})
     return {"model": model, "curve": curve, "steps": steps, "train_seconds": trained}
 
 
@@ -139,30 +139,31 @@ def time_to(curve: list[dict], level: float) -> float | None:
     return next((point["seconds"] for point in curve if point["val_accuracy"] >= level), None)
 
 
-def encode_seconds(model: nn.Module, images: torch.Tensor, repeats: int = 5) -> float:
+def encode_seconds(model: nn.Module, images: torch.Tensor, precision: str, repeats: int = 5) -> float:
     """Median time to embed all `images`, after a warm-up."""
-    embed_images(model, images[:1000])
+    embed_images(model, images[:1000], precision)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        embed_images(model, images)
+        embed_images(model, images, precision)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def evaluate(model: nn.Module, test, amp: bool = True, typicality_weight: float = TYPICALITY_WEIGHT) -> dict:
+def evaluate(model: nn.Module, test, precision: str, typicality_weight: float = TYPICALITY_WEIGHT) -> dict:
     """Test accuracy, and top-5 retrieval precision as the recipe ranks (`typicality_weight`) and by similarity alone."""
-    features = embed_images(model, test.images, amp=amp)
+    features = embed_images(model, test.images, precision)
     labels = test.labels.to(features.device)
     return {
-        "test_accuracy": zero_shot_accuracy(model, test.images, test.labels, amp=amp),
+        "test_accuracy": zero_shot_accuracy(model, test.images, test.labels, precision),
         "precision@5": image_retrieval(features, labels, ks=(5,), typicality_weight=typicality_weight)["precision@5"],
         "precision@5_cosine": image_retrieval(features, labels, ks=(5,), typicality_weight=0)["precision@5"],
     }
 
 
-def run_project(setting: str, seed: int, data_dir: str, runs_dir: Path, test) -> dict:
+def run_project(setting: str, seed: int, data_dir: str, runs_dir: Path, test, precision: str) -> dict:
     argv = [*SETTINGS[setting], "--seed", str(seed), "--data-dir", data_dir, "--runs-dir", str(runs_dir), "--run-name", f"{setting}-{seed}"]
+    argv += ["--precision", precision]
     result = train.main(argv)
     model, state = load_model(result["run_dir"] / "best.pt", test.images.device)
     history = state["history"]
@@ -173,8 +174,8 @@ def run_project(setting: str, seed: int, data_dir: str, runs_dir: Path, test) ->
         "train_seconds": result["train_seconds"],
         "curve": [{"seconds": h["seconds"], "val_accuracy": h["val_accuracy"]} for h in history],
         "train_images_per_second": len(history) * steps_per_epoch * batch_size / result["train_seconds"],
-        "encode_test_seconds": encode_seconds(model, test.images),
-        **evaluate(model, test),
+        "encode_test_seconds": encode_seconds(model, test.images, precision),
+        **evaluate(model, test, precision),
     }
 
 
@@ -196,13 +197,32 @@ def summarise(runs: list[dict]) -> dict:
     }
 
 
-def machine() -> dict:
+# The CPU's vector units that decide its speed: bf16 runs natively only with AVX512_BF16 or AMX.
+CPU_VECTOR_UNITS = {
+    "AVX2": torch.cpu._is_avx2_supported,
+    "AVX-512": torch.cpu._is_avx512_supported,
+    "AVX512_BF16": torch.cpu._is_avx512_bf16_supported,
+    "AMX": torch.cpu._is_amx_tile_supported,
+}
+# Set to measure on an AVX-512 machine how an AVX2 one behaves (README, Results).
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
+
+
+def machine(precision_why: str) -> dict:
     cpu = platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").exists():
         names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
         cpu = names[0] if names else cpu
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "gpu": gpu, "torch": torch.__version__}
+    return {
+        "cpu": cpu,
+        "cpu_vector_units": [name for name, probe in CPU_VECTOR_UNITS.items() if probe()],
+        "isa_limits": {name: os.environ[name] for name in ISA_LIMITS if name in os.environ},
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "precision": precision_why,
+    }
 
 
 def seconds(value: float | None) -> str:
@@ -221,6 +241,8 @@ def shared_sentence(c: dict) -> str:
 
 def markdown(report: dict) -> str:
     m = report["machine"]
+    limits = " ".join(f"{name}={value}" for name, value in m["isa_limits"].items())
+    held = f", torch held below them by {limits}" if limits else ""
     rows = [
         "| recipe | runs | test accuracy (mean, min) | top-5 retrieval precision (by similarity alone) | training time (median) | to 98% / 99% / 99.5% val (median) | train img/s | encode 10k test images |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
@@ -234,7 +256,9 @@ def markdown(report: dict) -> str:
     c = report["comparison"]
     return "\n".join(
         [
-            f"Machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads), GPU: {m['gpu'] or 'none'}, torch {m['torch']}.",
+            f"Machine: {m['cpu']} ({', '.join(m['cpu_vector_units'])}{held}), {m['cores']} cores ({m['torch_threads']} torch threads), "
+            f"GPU: {m['gpu'] or 'none'}, torch {m['torch']}.",
+            f"Precision: {m['precision']}.",
             f"Command: `{report['command']}`",
             "",
             *rows,
@@ -253,16 +277,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-dir", default="data", help="folder that holds (or receives) MNIST")
     p.add_argument("--runs", type=train.positive_int, default=3, help="seeded runs of each recipe")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to train")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="as train.py's --precision")
     p.add_argument("--output-dir", type=Path, default=Path("docs"), help="where benchmark.json and benchmark.md go")
     args = p.parse_args(argv)
     device = pick_device(args.device)
+    precision, why = resolve_precision(args.precision, device)
+    print(why)
     splits = load_splits("mnist", args.data_dir, val_size=5000)
     test = splits.test.to(device)
 
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as runs_dir:
         for setting in SETTINGS:
-            results[setting] = [run_project(setting, seed, args.data_dir, Path(runs_dir), test) for seed in range(args.runs)]
+            results[setting] = [
+                run_project(setting, seed, args.data_dir, Path(runs_dir), test, args.precision) for seed in range(args.runs)
+            ]
     budget = statistics.median(run["train_seconds"] for run in results["default"])
 
     device_splits = Splits(splits.train.to(device), splits.val.to(device), test)
@@ -276,9 +305,9 @@ def main(argv: list[str] | None = None) -> dict:
                 "train_seconds": reference["train_seconds"],
                 "train_images_per_second": 10 * reference["steps"] / reference["train_seconds"],
                 "curve": reference["curve"],
-                "encode_test_seconds": encode_seconds(reference["model"], test.images),
+                "encode_test_seconds": encode_seconds(reference["model"], test.images, "fp32"),
                 # Its embeddings are not normalised: it ranks by their dot product alone, as its logits do.
-                **evaluate(reference["model"], test, amp=False, typicality_weight=0),
+                **evaluate(reference["model"], test, "fp32", typicality_weight=0),
             }
         )
 
@@ -290,7 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
     seconds_to_shared = {name: statistics.median(time_to(c, shared) for c in cs) if shared else None for name, cs in curves.items()}
     report = {
         "command": " ".join(["python benchmark.py", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": machine(),
+        "machine": machine(why),
         "summary": summary,
         "comparison": {
             "budget_seconds": budget,

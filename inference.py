@@ -21,7 +21,7 @@ import figures
 from clip import CLIP, CLIPConfig
 from dataset import DATASETS, DataError, ImageError, Split, load_splits, to_mnist_style
 from metrics import RERANKED, TYPICALITY_NEIGHBOURS, TYPICALITY_WEIGHT, evaluate_embeddings, ranking_scores, typicality_bonus
-from utils import CheckpointError, class_embeddings, embed_images, latest_run, load_checkpoint, pick_device
+from utils import PRECISIONS, CheckpointError, class_embeddings, embed_images, latest_run, load_checkpoint, pick_device, resolve_precision
 
 TOP_K = 5
 SIMILARITY_ROWS = 12  # test images in the similarity matrix figure
@@ -36,6 +36,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dataset", choices=DATASETS, default=None, help="test data (default: the checkpoint's)")
     p.add_argument("--data-dir", default=None, help="folder that holds (or receives) MNIST (default: the one the model was trained on)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to run")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: bf16 where the hardware runs it natively, fp32 elsewhere (as train.py)",
+    )
     p.add_argument("--index", type=int, default=0, help="test image to classify and to query with")
     p.add_argument("--image", type=Path, nargs="+", default=None, help="your own image files to classify instead")
     p.add_argument(
@@ -55,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     try:
         args.device = pick_device(args.device)
+        resolve_precision(args.precision, args.device)  # refuses what the device cannot run, with the usage line
     except ValueError as error:
         p.error(str(error))
     return args
@@ -203,11 +210,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     checkpoint = args.checkpoint or latest_run(args.runs_dir, "best.pt")
     model, state = load_model(checkpoint, args.device)
+    precision, why = resolve_precision(args.precision, args.device)
     output_dir = args.output_dir or checkpoint.parent
-    print(f"loaded {checkpoint} (epoch {state['epoch']}, validation accuracy {state['best_accuracy']:.2%})")
+    print(f"loaded {checkpoint} (epoch {state['epoch']}, validation accuracy {state['best_accuracy']:.2%}); {why}")
 
     test = load_splits(args.dataset or state["dataset"], args.data_dir or state["args"]["data_dir"], val_size=1).test
-    test_features = embed_images(model, test.images)  # (N, D)
+    test_features = embed_images(model, test.images, precision)  # (N, D)
     text_features = class_embeddings(model)  # (10, D)
     scale = model.logit_scale.exp().item()
     predictions = (test_features @ text_features.T).argmax(dim=1).cpu()
@@ -232,7 +240,7 @@ def main(argv: list[str] | None = None) -> dict:
     bonus = typicality_bonus(test_features, args.typicality_weight)
     results = []
     for name, image, test_index in queries:
-        features = embed_images(model, image[None])[0]
+        features = embed_images(model, image[None], precision)[0]
         similarities = (features @ text_features.T).cpu()
         probabilities = (scale * similarities).softmax(dim=0)
         print_similarities(name, similarities, probabilities)

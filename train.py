@@ -36,6 +36,7 @@ from tqdm import tqdm
 from clip import CLIP, CLIPConfig, clip_loss
 from dataset import DATASETS, DataError, batches, load_splits, normalize, random_affine
 from utils import (
+    PRECISIONS,
     RUNS_DIR,
     CheckpointError,
     GracefulStop,
@@ -43,6 +44,7 @@ from utils import (
     latest_run,
     load_checkpoint,
     pick_device,
+    resolve_precision,
     save_checkpoint,
     seed_everything,
     zero_shot_accuracy,
@@ -51,6 +53,8 @@ from utils import (
 # A resumed run takes its settings from its checkpoint, except these, which say where this process runs.
 PER_PROCESS_ARGS = ("resume", "run_name", "runs_dir", "device")
 # Settings that decide what is trained: resuming refuses other values (and compares the model config too).
+# The others (--precision, --data-dir, --log-interval) may change: a run trained in bf16 on one machine
+# continues in fp32 on a machine without native bf16.
 RUN_ARGS = (
     "dataset",
     "val_size",
@@ -63,7 +67,6 @@ RUN_ARGS = (
     "max_rotation",
     "max_scale",
     "seed",
-    "amp",
     "dry_run",
 )
 # What --resume needs from a checkpoint, besides loading safely.
@@ -131,7 +134,13 @@ def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) 
     p.add_argument("--max-scale", type=float, default=0.1, help="random scaling of training images, as a fraction")
     p.add_argument("--seed", type=int, default=0, help="random seed of initialisation, data order and augmentation")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to train")
-    p.add_argument("--no-amp", dest="amp", action="store_false", help="train in fp32 instead of bf16 mixed precision")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: bf16 mixed precision where the hardware runs it natively (CUDA GPUs with bf16, CPUs with AVX512_BF16 or AMX), fp32 elsewhere",
+    )
+    p.add_argument("--no-amp", dest="precision", action="store_const", const="fp32", help="the same as --precision fp32")
     p.add_argument("--dataset", choices=DATASETS, default="mnist", help="mnist, or digits (scikit-learn's, offline)")
     p.add_argument("--data-dir", default="data", help="folder that holds (or receives) MNIST")
     p.add_argument(
@@ -160,6 +169,7 @@ def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) 
             setattr(args, name, value)
     try:
         args.device = pick_device(args.device)
+        resolve_precision(args.precision, args.device)  # refuses what the device cannot run, with the usage line
     except ValueError as error:
         p.error(str(error))
     return args
@@ -301,6 +311,7 @@ def run(argv: list[str] | None, stop: GracefulStop) -> dict:
     else:
         run_dir = new_run_dir(args.runs_dir, args.run_name, args.dataset)
     device = args.device
+    precision, why = resolve_precision(args.precision, device)
     seed_everything(args.seed)
 
     try:
@@ -368,9 +379,7 @@ def run(argv: list[str] | None, stop: GracefulStop) -> dict:
         raise SystemExit(stop.exit_code)
 
     writer = SummaryWriter(str(run_dir))
-    print(
-        f"training on {device} ({'bf16 mixed precision' if args.amp else 'fp32'}), {sum(p.numel() for p in model.parameters()):,} parameters, run folder {run_dir}"
-    )
+    print(f"{why}; training on {device}, {sum(p.numel() for p in model.parameters()):,} parameters, run folder {run_dir}")
     class_tokens = model.class_tokens(device)
     start_time = time.perf_counter()
     for epoch in range(start_epoch, epochs):
@@ -390,7 +399,7 @@ def run(argv: list[str] | None, stop: GracefulStop) -> dict:
             images = normalize(random_affine(images, args.max_shift, args.max_rotation, args.max_scale, augment_generator)).contiguous(
                 memory_format=torch.channels_last
             )
-            with autocast(device, args.amp):
+            with autocast(device, precision):
                 logits = model(images, class_tokens[labels])
             loss = clip_loss(logits, labels)
             optimizer.zero_grad(set_to_none=True)
@@ -413,7 +422,7 @@ def run(argv: list[str] | None, stop: GracefulStop) -> dict:
                 checkpoint(run_dir / "last.pt", epoch)
                 exit_after_signal()
 
-        val_accuracy = zero_shot_accuracy(ema.model, val_split.images, val_split.labels, args.amp)
+        val_accuracy = zero_shot_accuracy(ema.model, val_split.images, val_split.labels, precision)
         history.append(
             {
                 "epoch": epoch + 1,
@@ -422,6 +431,7 @@ def run(argv: list[str] | None, stop: GracefulStop) -> dict:
                 "val_accuracy": val_accuracy,
                 "logit_scale": ema.model.logit_scale.exp().item(),
                 "seconds": time.perf_counter() - start_time,
+                "precision": precision,  # what ran, where --precision auto chose: a resumed run may change machine
             }
         )
         loss_sum = torch.zeros((), device=device)  # the next epoch's sum starts from zero
@@ -439,7 +449,7 @@ def run(argv: list[str] | None, stop: GracefulStop) -> dict:
 
     train_seconds = time.perf_counter() - start_time
     model.load_state_dict(load_checkpoint(run_dir / "best.pt", device)["model"])
-    test_accuracy = zero_shot_accuracy(model, test_split.images, test_split.labels, args.amp)
+    test_accuracy = zero_shot_accuracy(model, test_split.images, test_split.labels, precision)
     writer.add_scalar("test/zero_shot_accuracy", test_accuracy, step)
     writer.close()
     print(

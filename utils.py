@@ -34,10 +34,52 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, enabled: bool = True) -> torch.autocast:
-    """bf16 mixed precision where it pays: CUDA, and CPUs (bf16 matmuls are ~2x faster on AVX-512 BF16)."""
-    dtype = torch.bfloat16 if device.type in ("cuda", "cpu") else torch.float16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled and device.type in ("cuda", "cpu"))
+PRECISIONS = ("auto", "fp32", "bf16")
+# ATen's CPU capabilities and oneDNN's ISAs below AVX-512 with bf16: where torch is held at one of
+# these (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA), bf16 is emulated even on a CPU that has it, as
+# when measuring on an AVX-512 machine how an AVX2 one behaves.
+ATEN_BELOW_AVX512 = ("DEFAULT", "NO AVX", "AVX2")
+ONEDNN_BELOW_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
+def cpu_native_bf16() -> tuple[bool, str]:
+    """Whether this CPU runs bf16 natively, with AVX512_BF16 or AMX, and why, in words."""
+    hardware = "AMX" if torch.cpu._is_amx_tile_supported() else "AVX512_BF16" if torch.cpu._is_avx512_bf16_supported() else None
+    if hardware is None:
+        return False, "this CPU has no native bf16 (AVX512_BF16 or AMX)"
+    capability, onednn_isa = torch.backends.cpu.get_cpu_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if capability in ATEN_BELOW_AVX512 or onednn_isa in ONEDNN_BELOW_BF16:
+        return False, f"this CPU has {hardware}, but torch is held below it (ATen at {capability}, oneDNN at {onednn_isa})"
+    return True, f"this CPU runs bf16 natively ({hardware})"
+
+
+def resolve_precision(asked: str, device: torch.device) -> tuple[str, str]:
+    """The precision to run in, 'fp32' or 'bf16', and why, for the first line a script prints.
+
+    'auto' takes bf16 mixed precision only where the hardware runs it natively: a CUDA GPU
+    with bf16 (Ampere or newer) or a CPU with AVX512_BF16 or AMX. Elsewhere bf16 is emulated
+    and many times slower than fp32, so 'auto' takes fp32 there, and on Apple's MPS.
+    """
+    if asked not in PRECISIONS:
+        raise ValueError(f"unknown precision {asked!r}: choose one of {', '.join(PRECISIONS)}")
+    if asked == "bf16" and device.type == "mps":
+        raise ValueError("--precision bf16 is not supported on MPS: use --precision fp32 or auto")
+    if asked != "auto":
+        return asked, f"{asked}: as asked by --precision {asked}"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bf16", f"bf16 mixed precision: the {name} runs bf16 natively"
+        return "fp32", f"fp32: the {name} has no native bf16"
+    if device.type == "cpu":
+        native, why = cpu_native_bf16()
+        return ("bf16", f"bf16 mixed precision: {why}") if native else ("fp32", f"fp32: {why}")
+    return "fp32", f"fp32: auto takes bf16 only on CUDA and on CPUs that run it natively, not on {device.type}"
+
+
+def autocast(device: torch.device, precision: str) -> torch.autocast:
+    """bf16 mixed precision when `precision` is 'bf16' (see `resolve_precision`), fp32 otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def seed_everything(seed: int) -> None:
@@ -130,7 +172,7 @@ def latest_run(runs_dir: Path = RUNS_DIR, filename: str = "best.pt") -> Path:
 
 
 @torch.inference_mode()
-def embed_images(model, images: torch.Tensor, batch_size: int = 1000, amp: bool = True) -> torch.Tensor:
+def embed_images(model, images: torch.Tensor, precision: str = "fp32", batch_size: int = 1000) -> torch.Tensor:
     """(N, 28, 28) uint8 images -> (N, embed_dim) unit-norm fp32 embeddings, in eval mode."""
     was_training = model.training
     model.eval()
@@ -138,7 +180,7 @@ def embed_images(model, images: torch.Tensor, batch_size: int = 1000, amp: bool 
     chunks = []
     for start in range(0, len(images), batch_size):
         batch = normalize(images[start : start + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp):
+        with autocast(device, precision):
             chunks.append(model.encode_image(batch))
     model.train(was_training)
     return torch.cat(chunks)
@@ -151,7 +193,7 @@ def class_embeddings(model) -> torch.Tensor:
     return model.encode_text(model.class_tokens(device))
 
 
-def zero_shot_accuracy(model, images: torch.Tensor, labels: torch.Tensor, amp: bool = True) -> float:
+def zero_shot_accuracy(model, images: torch.Tensor, labels: torch.Tensor, precision: str = "fp32") -> float:
     """Share of images whose most similar digit caption is their own label."""
-    predictions = (embed_images(model, images, amp=amp) @ class_embeddings(model).T).argmax(dim=1)
+    predictions = (embed_images(model, images, precision) @ class_embeddings(model).T).argmax(dim=1)
     return (predictions == labels.to(predictions.device)).float().mean().item()
