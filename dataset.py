@@ -86,22 +86,37 @@ def load_mnist(data_dir: str | Path) -> tuple[Split, Split]:
     raw = root / "MNIST" / "raw"
     if root.exists() and not root.is_dir():
         raise DataError(f"--data-dir {root} is a file, not a folder")
-    root_existed = root.is_dir()  # the download creates it, even when it then fails
     if all((raw / name).is_file() for name in MNIST_FILES):
         # Nothing will be downloaded: check the files first, as torchvision's reader fails obscurely on damaged ones.
         check_mnist_files(raw)
+    # What is there before a download, which creates folders and files even when it then fails.
+    folders_before = {folder for folder in (root, root / "MNIST", raw) if folder.is_dir()}
+    files_before = set(raw.iterdir()) if raw.is_dir() else set()
     try:
         splits = [MNIST(str(root), train=train, download=True) for train in (True, False)]
     except (urllib.error.URLError, OSError, RuntimeError) as error:
         missing = [name for name in MNIST_FILES if not (raw / name).exists()]
         if not missing:
             raise DataError(f"could not read MNIST in {raw}: {error}; delete the folder to download it afresh") from error
-        absent = f"--data-dir {root} does not exist" if not root_existed else f"MNIST is not in {raw}"
+        remove_failed_download(raw, files_before, folders_before)
+        absent = f"--data-dir {root} does not exist" if root not in folders_before else f"MNIST is not in {raw}"
         raise DataError(
             f"{absent} and could not be downloaded ({type(error).__name__}); "
             f"put the files {', '.join(MNIST_FILES)} in {raw}, or run offline with --dataset digits"
         ) from error
     return tuple(Split(s.data.clone(), s.targets.clone()) for s in splits)
+
+
+def remove_failed_download(raw: Path, files_before: set[Path], folders_before: set[Path]) -> None:
+    """Remove the partial files and the folders that a failed download created in `raw` and above
+    it, so that the user's own copy of the files, or the next try, starts from what was there."""
+    if raw.is_dir():
+        for path in set(raw.iterdir()) - files_before:
+            if path.is_file():
+                path.unlink()
+    for folder in (raw, raw.parent, raw.parent.parent):
+        if folder not in folders_before and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
 
 
 def check_mnist_files(raw: Path) -> None:

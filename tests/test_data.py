@@ -48,6 +48,24 @@ def test_missing_mnist_without_network_names_folder_files_and_offline_option(tmp
     assert "--dataset digits" in message and "\n" not in message
 
 
+def test_a_failed_download_leaves_nothing_behind_but_what_was_there(tmp_path, monkeypatch):
+    def partial_download(url, download_root, **kwargs):
+        Path(download_root, Path(url).name).write_bytes(b"half a file")  # torchvision made the folders already
+        raise urllib.error.URLError("connection reset")
+
+    monkeypatch.setattr("torchvision.datasets.mnist.download_and_extract_archive", partial_download)
+    with pytest.raises(DataError, match="could not be downloaded"):
+        load_mnist(tmp_path / "data")
+    assert not (tmp_path / "data").exists()
+
+    raw = tmp_path / "mine" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    (raw / "notes.txt").write_text("the user's own")
+    with pytest.raises(DataError, match="could not be downloaded"):
+        load_mnist(tmp_path / "mine")
+    assert [path.name for path in raw.iterdir()] == ["notes.txt"]
+
+
 def test_offline_digits_look_like_mnist_and_splits_are_disjoint():
     splits = load_splits("digits", "unused", val_size=300)
     assert splits.train.images.shape[1:] == (28, 28) and splits.train.images.dtype == torch.uint8
