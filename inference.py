@@ -4,6 +4,7 @@ python inference.py                      # newest run's best.pt, test image 0
 python inference.py --index 42 --text 7  # another query image; the nearest images to the caption "7"
 python inference.py --image my_digit.png # your own pictures, dark ink on light paper or the reverse
 python inference.py --evaluate           # every metric and figure on the full test split
+python inference.py --evaluate --split val  # the same on the validation split, for choices the test split must not make
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,7 +22,7 @@ from torch.utils.tensorboard import SummaryWriter
 import figures
 from clip import CLIP, CLIPConfig
 from dataset import DATASETS, DataError, ImageError, Split, load_splits, to_mnist_style
-from metrics import RERANKED, TYPICALITY_NEIGHBOURS, TYPICALITY_WEIGHT, evaluate_embeddings, ranking_scores, typicality_bonus
+from metrics import evaluate_embeddings
 from utils import PRECISIONS, CheckpointError, class_embeddings, embed_images, latest_run, load_checkpoint, pick_device, resolve_precision
 
 TOP_K = 5
@@ -42,21 +44,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="auto: bf16 where the hardware runs it natively, fp32 elsewhere (as train.py)",
     )
-    p.add_argument("--index", type=int, default=0, help="test image to classify and to query with")
-    p.add_argument("--image", type=Path, nargs="+", default=None, help="your own image files to classify instead")
     p.add_argument(
-        "--text", choices=[str(d) for d in range(10)], default=None, help="also show the test images nearest to this digit caption"
+        "--split", choices=("test", "val"), default="test", help="the images to classify and retrieve from: test, or the validation split"
     )
+    p.add_argument("--index", type=int, default=0, help="image of the split to classify and to query with")
+    p.add_argument("--image", type=Path, nargs="+", default=None, help="your own image files to classify instead")
+    p.add_argument("--text", choices=[str(d) for d in range(10)], default=None, help="also show the images nearest to this digit caption")
     p.add_argument("--output-dir", type=Path, default=None, help="where figures go (default: the checkpoint's run folder)")
     p.add_argument(
-        "--typicality-weight",
-        type=non_negative_float,
-        default=TYPICALITY_WEIGHT,
-        help=f"image retrieval re-ranks a query's {RERANKED} nearest test images by cosine plus this weight times their typicality, "
-        f"their mean cosine with their own {TYPICALITY_NEIGHBOURS} nearest (0: by cosine alone)",
-    )
-    p.add_argument(
-        "--evaluate", action="store_true", help="measure the full test split instead: metrics.json, figures in evaluation/, TensorBoard"
+        "--evaluate",
+        action="store_true",
+        help="measure the whole split instead: metrics.json (metrics_val.json), figures in evaluation/ (evaluation_val/), TensorBoard",
     )
     args = p.parse_args(argv)
     try:
@@ -65,13 +63,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as error:
         p.error(str(error))
     return args
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be zero or a positive number, got {text}")
-    return value
 
 
 def load_model(path: Path, device: torch.device) -> tuple[CLIP, dict]:
@@ -108,17 +99,14 @@ def read_image_file(path: Path) -> Image.Image:
         raise ImageError(f"the picture is damaged or truncated ({type(error).__name__}: {error})") from error
 
 
-def nearest_images(
-    queries: torch.Tensor, gallery: torch.Tensor, bonus: torch.Tensor, exclude: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Q, TOP_K) indices of the gallery images ranked first for each query (by cosine, re-ranked
-    with the gallery's typicality `bonus`), and their cosines; `exclude` holds each query's own
-    gallery index, which is never its own neighbour."""
+def nearest_images(queries: torch.Tensor, gallery: torch.Tensor, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, TOP_K) indices of the gallery images most similar to each query, by cosine, and their
+    cosines; `exclude` holds each query's own gallery index, which is never its own neighbour."""
     cosines = queries @ gallery.T
     if exclude is not None:
         cosines[torch.arange(len(queries)), exclude] = -float("inf")
-    indices = ranking_scores(cosines, bonus).topk(TOP_K).indices
-    return indices, cosines.gather(1, indices)
+    top = cosines.topk(TOP_K)
+    return top.indices, top.values
 
 
 def print_similarities(name: str, similarities: torch.Tensor, probabilities: torch.Tensor) -> None:
@@ -135,8 +123,14 @@ def print_metrics(metrics: dict, n_images: int) -> None:
     print("  confusion matrix (rows: true digit, columns: predicted)")
     for digit, row in enumerate(zero_shot["confusion_matrix"]):
         print(f"    {digit}: " + " ".join(f"{count:5d}" for count in row))
-    retrieval = ", ".join(f"{name} {value:.2%}" for name, value in metrics["image_to_image"].items())
-    print(f"image-to-image retrieval (each image queries the {n_images - 1:,} others): {retrieval}")
+    image_to_image = metrics["image_to_image"]
+    retrieval = ", ".join(f"{name} {value:.2%}" for name, value in image_to_image.items() if name != "hubness")
+    print(f"image-to-image retrieval by cosine (each image queries the {n_images - 1:,} others): {retrieval}")
+    hubs = image_to_image["hubness"]
+    print(
+        f"  hubness of the top-{hubs['k']} lists: {hubs['coverage']:.1%} of the images are in at least one, "
+        f"k-occurrence skewness {hubs['skewness']:.2f}, the biggest hub is in {hubs['max_occurrence']}"
+    )
     at_k = ", ".join(f"{name} {value:.2%}" for name, value in text_to_image.items() if "@" in name)
     print(f"text-to-image retrieval (mean over digits): {at_k}")
     print(f"  mean rank of the first correct image {text_to_image['mean_first_correct_rank']:.2f}")
@@ -148,62 +142,154 @@ def print_metrics(metrics: dict, n_images: int) -> None:
     )
 
 
-def evaluate(
-    test: Split, image_features: torch.Tensor, text_features: torch.Tensor, state: dict, output_dir: Path, typicality_weight: float
-) -> dict:
-    """Every metric on the full test split, printed and written to output_dir/metrics.json; the
-    figures as PNGs in output_dir/evaluation/ and, with the embedding projector, in TensorBoard."""
-    labels = test.labels
-    metrics = evaluate_embeddings(image_features, text_features, labels, typicality_weight)
-    print_metrics(metrics, len(test))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.json").write_text(json.dumps({"test_images": len(test), **metrics}, indent=2))
+@dataclass
+class Gallery:
+    """A split and its embeddings: what every mode classifies against and retrieves from."""
 
-    figure_dir, step = output_dir / "evaluation", state["step"]
+    name: str  # "test" or "validation"
+    split: Split
+    image_features: torch.Tensor  # (N, D), unit norm
+    text_features: torch.Tensor  # (10, D), the digit captions
+
+
+def evaluate(gallery: Gallery, state: dict, output_dir: Path) -> dict:
+    """Every metric on the whole split, printed and written to output_dir/metrics.json; the figures
+    as PNGs in output_dir/evaluation/ and, with the embedding projector, in TensorBoard. The
+    validation split's go to metrics_val.json and evaluation_val/, beside the test split's."""
+    split, image_features, text_features = gallery.split, gallery.image_features.cpu(), gallery.text_features.cpu()
+    labels = split.labels
+    metrics = evaluate_embeddings(image_features, text_features, labels)
+    print_metrics(metrics, len(split))
+    suffix = "" if gallery.name == "test" else "_val"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = output_dir / f"metrics{suffix}.json"
+    metrics_path.write_text(json.dumps({"split": gallery.name, "images": len(split), **metrics}, indent=2))
+
+    figure_dir, step = output_dir / f"evaluation{suffix}", state["step"]
     writer = SummaryWriter(str(output_dir))  # beside the training logs, so TensorBoard shows them together
 
     def save(figure, name: str) -> None:
-        figures.save(figure, figure_dir / f"{name}.png", writer, f"evaluation/{name}", step)
+        figures.save(figure, figure_dir / f"{name}.png", writer, f"{figure_dir.name}/{name}", step)
 
     similarities = image_features @ text_features.T
     predictions = similarities.argmax(dim=1)
     save(
-        figures.plot_similarity_matrix(test.images[:SIMILARITY_ROWS], labels[:SIMILARITY_ROWS], similarities[:SIMILARITY_ROWS]),
+        figures.plot_similarity_matrix(split.images[:SIMILARITY_ROWS], labels[:SIMILARITY_ROWS], similarities[:SIMILARITY_ROWS]),
         "similarity_matrix",
     )
 
     queries = torch.stack([(labels == digit).nonzero()[0, 0] for digit in labels.unique()])  # the first image of each digit
-    bonus = typicality_bonus(image_features, typicality_weight)
-    nearest, cosines = nearest_images(image_features[queries], image_features, bonus, exclude=queries)
+    nearest, cosines = nearest_images(image_features[queries], image_features, exclude=queries)
     query_titles = [f"query ({label})" for label in labels[queries].tolist()]
     figure = figures.plot_retrieval(
-        list(test.images[queries]), test.images[nearest], labels[nearest], cosines, labels[queries].tolist(), query_titles
+        list(split.images[queries]), split.images[nearest], labels[nearest], cosines, labels[queries].tolist(), query_titles
     )
     save(figure, "image_retrieval")
 
     top = (text_features @ image_features.T).topk(TOP_K)
     digits = list(range(len(text_features)))
     figure = figures.plot_retrieval(
-        [f'"{d}"' for d in digits], test.images[top.indices], labels[top.indices], top.values, digits, ["caption"] * len(digits)
+        [f'"{d}"' for d in digits], split.images[top.indices], labels[top.indices], top.values, digits, ["caption"] * len(digits)
     )
     save(figure, "text_retrieval")
 
-    sample = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:TSNE_POINTS]
+    sample = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:TSNE_POINTS]
     save(figures.plot_tsne(image_features[sample], labels[sample], text_features), "tsne")
     save(figures.plot_confusion_matrix(metrics["zero_shot"]["confusion_matrix"]), "confusion_matrix")
     wrong = (predictions != labels).nonzero()[:MISCLASSIFIED_SHOWN, 0]
-    save(figures.plot_misclassified(test.images[wrong], labels[wrong], predictions[wrong]), "misclassified")
+    save(figures.plot_misclassified(split.images[wrong], labels[wrong], predictions[wrong]), "misclassified")
     save(figures.plot_training_curves(state["history"]), "training_curves")
 
-    # The projector shows every test embedding in 3-D (PCA, t-SNE or UMAP), each point drawn as its digit.
+    # The projector shows every embedding in 3-D (PCA, t-SNE or UMAP), each point drawn as its digit.
     writer.add_embedding(
-        image_features, metadata=labels.tolist(), label_img=test.images[:, None].float() / 255, global_step=step, tag="test_images"
+        image_features,
+        metadata=labels.tolist(),
+        label_img=split.images[:, None].float() / 255,
+        global_step=step,
+        tag=f"{gallery.name}_images",
     )
     writer.close()
-    print(
-        f"metrics in {output_dir / 'metrics.json'}, figures in {figure_dir}/, embeddings in TensorBoard: tensorboard --logdir {output_dir}"
-    )
+    print(f"metrics in {metrics_path}, figures in {figure_dir}/, embeddings in TensorBoard: tensorboard --logdir {output_dir}")
     return metrics
+
+
+def classify_and_retrieve(
+    model: CLIP, gallery: Gallery, name: str, image: torch.Tensor, own_index: int | None, precision: str, figure_path: Path
+) -> dict:
+    """Classify one (28, 28) image zero-shot and show the gallery images most like it; `own_index`
+    is its place in the gallery, if it is one of the gallery's images, so that it does not find itself."""
+    features = embed_images(model, image[None], precision)[0]
+    similarities = (features @ gallery.text_features.T).cpu()
+    probabilities = (model.logit_scale.exp().item() * similarities).softmax(dim=0)
+    print_similarities(name, similarities, probabilities)
+    exclude = None if own_index is None else torch.tensor([own_index], device=features.device)
+    nearest, cosines = nearest_images(features[None], gallery.image_features, exclude)
+    nearest, cosines = nearest[0].cpu(), cosines.cpu()
+    predicted, labels = int(probabilities.argmax()), gallery.split.labels[nearest]
+    figure = figures.plot_retrieval(
+        [image], gallery.split.images[nearest][None], labels[None], cosines, [predicted], [f"query\npredicted {predicted}"]
+    )
+    figures.save(figure, figure_path)
+    print(f"  top-{TOP_K} similar {gallery.name} images: labels {labels.tolist()}, figure {figure_path}")
+    return {"name": name, "predicted": predicted, "probabilities": probabilities.tolist(), "figure": figure_path}
+
+
+def show_split_image(model: CLIP, gallery: Gallery, index: int, precision: str, output_dir: Path) -> dict:
+    """--index: classify one of the split's own images and retrieve the others most like it."""
+    split = gallery.split
+    if not 0 <= index < len(split):
+        raise SystemExit(f"error: --index {index} is outside the {gallery.name} split: pick 0 to {len(split) - 1}")
+    name = f"{gallery.name} image {index} (a {split.labels[index]})"
+    figure_path = output_dir / f"retrieval_{'' if gallery.name == 'test' else 'val_'}{index}.png"
+    return classify_and_retrieve(model, gallery, name, split.images[index], index, precision, figure_path)
+
+
+def show_user_pictures(model: CLIP, gallery: Gallery, paths: list[Path], precision: str, output_dir: Path) -> list[dict]:
+    """--image: classify the user's own pictures, each converted as MNIST was made; a file that
+    cannot be used is skipped with one line saying why."""
+    results, images, stems = [], [], set()
+    for path in paths:
+        try:
+            image = load_user_image(path)
+        except ImageError as error:
+            print(f"{path}: skipped, {error}")
+            continue
+        stem, copy = path.stem, 1
+        while stem in stems:  # two files of the same name, from two folders: each gets its own figure
+            copy += 1
+            stem = f"{path.stem}-{copy}"
+        stems.add(stem)
+        results.append(classify_and_retrieve(model, gallery, path.name, image, None, precision, output_dir / f"retrieval_{stem}.png"))
+        images.append(image)
+    if results:
+        # What the model saw, beside what it made of it: the check when a prediction surprises.
+        probabilities = torch.tensor([r["probabilities"] for r in results])
+        figure = figures.plot_predictions([r["name"] for r in results], torch.stack(images), probabilities)
+        print(f"your pictures as the model saw them, with its probabilities: {figures.save(figure, output_dir / 'predictions.png')}")
+    return results
+
+
+def show_caption(gallery: Gallery, digit: int, output_dir: Path) -> Path:
+    """--text: the split's images nearest to a digit's caption."""
+    top = (gallery.image_features @ gallery.text_features[digit]).cpu().topk(TOP_K)
+    labels = gallery.split.labels[top.indices]
+    figure = figures.plot_retrieval(
+        [f'"{digit}"'], gallery.split.images[top.indices][None], labels[None], top.values[None], [digit], ["caption"]
+    )
+    figure_path = figures.save(figure, output_dir / f"text_retrieval_{digit}.png")
+    print(f'{gallery.name} images nearest to the caption "{digit}": labels {labels.tolist()}, figure {figure_path}')
+    return figure_path
+
+
+def load_gallery(model: CLIP, state: dict, args: argparse.Namespace, precision: str) -> Gallery:
+    """The split that args.split names, from the data the model was trained on unless args say otherwise,
+    with the validation split held out exactly as in training."""
+    dataset, data_dir = args.dataset or state["dataset"], args.data_dir or state["args"]["data_dir"]
+    if args.split == "val":
+        name, split = "validation", load_splits(dataset, data_dir, val_size=state["args"]["val_size"]).val
+    else:
+        name, split = "test", load_splits(dataset, data_dir, val_size=1).test
+    return Gallery(name, split, embed_images(model, split.images, precision), class_embeddings(model))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -214,64 +300,19 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = args.output_dir or checkpoint.parent
     print(f"loaded {checkpoint} (epoch {state['epoch']}, validation accuracy {state['best_accuracy']:.2%}); {why}")
 
-    test = load_splits(args.dataset or state["dataset"], args.data_dir or state["args"]["data_dir"], val_size=1).test
-    test_features = embed_images(model, test.images, precision)  # (N, D)
-    text_features = class_embeddings(model)  # (10, D)
-    scale = model.logit_scale.exp().item()
-    predictions = (test_features @ text_features.T).argmax(dim=1).cpu()
-    accuracy = (predictions == test.labels).float().mean().item()
-    print(f"zero-shot accuracy on the {len(test):,} test images: {accuracy:.2%}")
+    gallery = load_gallery(model, state, args, precision)
+    predictions = (gallery.image_features @ gallery.text_features.T).argmax(dim=1).cpu()
+    accuracy = (predictions == gallery.split.labels).float().mean().item()
+    print(f"zero-shot accuracy on the {len(gallery.split):,} {gallery.name} images: {accuracy:.2%}")
     if args.evaluate:
-        metrics = evaluate(test, test_features.cpu(), text_features.cpu(), state, output_dir, args.typicality_weight)
-        return {"accuracy": accuracy, "metrics": metrics}
-
+        return {"accuracy": accuracy, "metrics": evaluate(gallery, state, output_dir)}
     if args.image:
-        queries = []
-        for path in args.image:
-            try:
-                queries.append((path.name, load_user_image(path), None))
-            except ImageError as error:
-                print(f"{path}: skipped, {error}")
+        queries = show_user_pictures(model, gallery, args.image, precision, output_dir)
     else:
-        if not 0 <= args.index < len(test):
-            raise SystemExit(f"error: --index {args.index} is outside the test split: pick 0 to {len(test) - 1}")
-        queries = [(f"test image {args.index} (a {test.labels[args.index]})", test.images[args.index], args.index)]
-
-    bonus = typicality_bonus(test_features, args.typicality_weight)
-    results = []
-    for name, image, test_index in queries:
-        features = embed_images(model, image[None], precision)[0]
-        similarities = (features @ text_features.T).cpu()
-        probabilities = (scale * similarities).softmax(dim=0)
-        print_similarities(name, similarities, probabilities)
-        exclude = None if test_index is None else torch.tensor([test_index], device=test_features.device)
-        nearest, cosines = nearest_images(features[None], test_features, bonus, exclude)
-        nearest, cosines = nearest[0].cpu(), cosines.cpu()
-        predicted = int(probabilities.argmax())
-        figure = figures.plot_retrieval(
-            [image], test.images[nearest][None], test.labels[nearest][None], cosines, [predicted], [f"query\npredicted {predicted}"]
-        )
-        figure_path = figures.save(figure, output_dir / f"retrieval_{Path(name).stem if test_index is None else test_index}.png")
-        print(f"  top-{TOP_K} similar test images: labels {test.labels[nearest].tolist()}, figure {figure_path}")
-        results.append({"name": name, "predicted": predicted, "probabilities": probabilities.tolist(), "figure": figure_path})
-    if args.image and results:
-        # What the model saw, beside what it made of it: the check when a prediction surprises.
-        figure = figures.plot_predictions(
-            [r["name"] for r in results],
-            torch.stack([image for _, image, _ in queries]),
-            torch.tensor([r["probabilities"] for r in results]),
-        )
-        print(f"your pictures as the model saw them, with its probabilities: {figures.save(figure, output_dir / 'predictions.png')}")
-
+        queries = [show_split_image(model, gallery, args.index, precision, output_dir)]
     if args.text is not None:
-        digit = int(args.text)
-        top = (test_features @ text_features[digit]).cpu().topk(TOP_K)
-        figure = figures.plot_retrieval(
-            [f'"{digit}"'], test.images[top.indices][None], test.labels[top.indices][None], top.values[None], [digit], ["caption"]
-        )
-        figure_path = figures.save(figure, output_dir / f"text_retrieval_{digit}.png")
-        print(f'test images nearest to the caption "{digit}": labels {test.labels[top.indices].tolist()}, figure {figure_path}')
-    return {"accuracy": accuracy, "queries": results}
+        show_caption(gallery, int(args.text), output_dir)
+    return {"accuracy": accuracy, "queries": queries}
 
 
 if __name__ == "__main__":

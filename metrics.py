@@ -10,14 +10,7 @@ from __future__ import annotations
 
 import torch
 
-# Image retrieval re-ranks each query's RERANKED nearest images by their cosine with
-# the query plus TYPICALITY_WEIGHT times their typicality (below), so that ambiguous
-# images lying between two digits' clusters do not crowd out clear ones; the rest keep
-# their cosine order. The numbers were chosen on the validation split, where they raised
-# top-5 precision from 0.9944 to 0.9958, the mean of eight trained models (README, Results).
-TYPICALITY_NEIGHBOURS = 50
-TYPICALITY_WEIGHT = 3.0
-RERANKED = 50
+HUBNESS_K = 5  # the hubness figures are about top-5 lists: what inference.py shows
 
 
 def rank_of_label(similarities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -53,72 +46,32 @@ def image_to_text(image_features: torch.Tensor, text_features: torch.Tensor, lab
     return {"recall@1": (ranks <= 1).float().mean().item(), "mean_rank": ranks.mean().item()}
 
 
-def typicality(features: torch.Tensor, k: int = TYPICALITY_NEIGHBOURS, chunk_size: int = 1024) -> torch.Tensor:
-    """(N,) how typical each image is of the others: its mean cosine with its k nearest ones.
-
-    A clear digit lies inside its digit's dense cluster and scores near 1; an
-    ambiguous one lies between clusters, with fewer close neighbours, and scores
-    lower. k shrinks to N - 1 for a smaller gallery.
-    """
-    k = min(k, len(features) - 1)
-    scores = []
-    for start in range(0, len(features), chunk_size):
-        similarities = features[start : start + chunk_size] @ features.T
-        rows = torch.arange(len(similarities), device=features.device)
-        similarities[rows, start + rows] = -float("inf")  # an image is not its own neighbour
-        scores.append(similarities.topk(k, dim=1).values.mean(dim=1))
-    return torch.cat(scores)
-
-
-def typicality_bonus(gallery: torch.Tensor, weight: float = TYPICALITY_WEIGHT) -> torch.Tensor:
-    """(N,) what re-ranking adds to each gallery image's cosine: `weight` times its typicality,
-    less the smallest, so that no bonus is negative (a shift that leaves the order unchanged)."""
-    if weight == 0:  # ranking by cosine alone: skip the gallery's nearest-neighbour search
-        return torch.zeros(len(gallery), device=gallery.device)
-    scores = typicality(gallery)
-    return weight * (scores - scores.min())
-
-
-def ranking_scores(similarities: torch.Tensor, bonus: torch.Tensor) -> torch.Tensor:
-    """(Q, N) query-gallery similarities -> (Q, N) scores that sort into the retrieval ranking.
-
-    Each query's RERANKED most similar images get their `bonus`; as no bonus is
-    negative, they stay ahead of the rest, which keep the order of their similarity.
-    """
-    shortlist = similarities.topk(min(RERANKED, similarities.shape[1]), dim=1).indices
-    return similarities.scatter_add(1, shortlist, bonus[shortlist])
-
-
 def image_retrieval(
-    features: torch.Tensor,
-    labels: torch.Tensor,
-    ks: tuple[int, ...] = (1, 5, 10),
-    typicality_weight: float = TYPICALITY_WEIGHT,
-    chunk_size: int = 1024,
+    features: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10), hubness_k: int = HUBNESS_K, chunk_size: int = 1024
 ) -> dict:
-    """Each image queries all the others (never itself); a neighbour is relevant when it shows the same digit.
+    """Each image queries all the others (never itself), ranked by cosine; a neighbour is relevant
+    when it shows the same digit.
 
-    The others are ranked by their cosine with the query, and each query's nearest
-    are re-ranked by `ranking_scores` with `typicality_weight` (0: by the cosine
-    alone). precision@k is the share of relevant images among the k first, averaged
-    over queries. Average precision averages the precision at the rank of every
-    relevant image, so it rewards ranking all of them first; mAP is its mean over the
-    queries that have at least one relevant image. Queries are processed `chunk_size`
-    at a time, so memory grows as chunk_size x N, never N x N.
+    precision@k is the share of relevant images among the k first, averaged over queries.
+    Average precision averages the precision at the rank of every relevant image, so it
+    rewards ranking all of them first; mAP is its mean over the queries that have at least
+    one relevant image. `hubness` describes how evenly the images are found (see `hubness`).
+    Queries are processed `chunk_size` at a time, so memory grows as chunk_size x N, never N x N.
     """
     n = len(features)
-    if min(ks) < 1 or max(ks) >= n:
-        raise ValueError(f"precision@k needs 0 < k < {n} (the number of other images), got ks={ks}")
-    bonus = typicality_bonus(features, typicality_weight)
+    if min(ks) < 1 or max(*ks, hubness_k) >= n:
+        raise ValueError(f"precision@k needs 0 < k < {n} (the number of other images), got ks={ks} and hubness_k={hubness_k}")
     positions = torch.arange(1, n, device=features.device, dtype=torch.float32)  # ranks 1..N-1
     precision_sums = dict.fromkeys(ks, 0.0)
     ap_sum, ap_queries = 0.0, 0
+    occurrences = torch.zeros(n, dtype=torch.long, device=features.device)
     for start in range(0, n, chunk_size):
         queries = features[start : start + chunk_size]
         rows = torch.arange(len(queries), device=features.device)
         similarities = queries @ features.T  # (B, N)
         similarities[rows, start + rows] = -float("inf")  # each query sorts itself last...
-        order = ranking_scores(similarities, bonus).argsort(dim=1, descending=True)[:, :-1]  # ...and drops out here
+        order = similarities.argsort(dim=1, descending=True)[:, :-1]  # ...and drops out here
+        occurrences += torch.bincount(order[:, :hubness_k].flatten(), minlength=n)
         relevant = (labels[order] == labels[start : start + len(queries), None]).float()  # (B, N-1)
         for k in ks:
             precision_sums[k] += (relevant[:, :k].sum(dim=1) / k).sum().item()
@@ -129,7 +82,24 @@ def image_retrieval(
         ap_queries += int((n_relevant > 0).sum())
     result = {f"precision@{k}": precision_sums[k] / n for k in ks}
     result["mAP"] = ap_sum / max(ap_queries, 1)
+    result["hubness"] = hubness(occurrences, hubness_k)
     return result
+
+
+def hubness(occurrences: torch.Tensor, k: int) -> dict:
+    """How evenly retrieval finds the gallery, from each image's k-occurrence: the number of
+    top-k lists it appears in (Radovanovic et al., 2010). Every image appears k times on
+    average; a "hub" appears in many lists and crowds others out of all of them.
+
+    coverage: the share of images that appear in at least one top-k list (1 at best);
+    skewness: of the k-occurrence distribution (0 for a symmetric one; large and positive with hubs);
+    max_occurrence: the k-occurrence of the biggest hub.
+    """
+    counts = occurrences.double()
+    deviations = counts - counts.mean()
+    spread = deviations.pow(2).mean().sqrt()
+    skewness = (deviations.pow(3).mean() / spread.pow(3)).item() if spread > 0 else 0.0
+    return {"k": k, "coverage": (occurrences > 0).double().mean().item(), "skewness": skewness, "max_occurrence": int(occurrences.max())}
 
 
 def text_to_image(
@@ -164,13 +134,11 @@ def similarity_gap(image_features: torch.Tensor, text_features: torch.Tensor, la
     return {"matching": matching_mean, "non_matching": non_matching_mean, "gap": matching_mean - non_matching_mean}
 
 
-def evaluate_embeddings(
-    image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor, typicality_weight: float = TYPICALITY_WEIGHT
-) -> dict:
+def evaluate_embeddings(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor) -> dict:
     """All of the above for one split, grouped as metrics.json stores them."""
     return {
         "zero_shot": zero_shot_classification(image_features, text_features, labels),
-        "image_to_image": image_retrieval(image_features, labels, typicality_weight=typicality_weight),
+        "image_to_image": image_retrieval(image_features, labels),
         "text_to_image": text_to_image(image_features, text_features, labels),
         "image_to_text": image_to_text(image_features, text_features, labels),
         "similarity": similarity_gap(image_features, text_features, labels),

@@ -4,8 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import metrics
-from metrics import image_retrieval, image_to_text, ranking_scores, similarity_gap, text_to_image, typicality, zero_shot_classification
+from metrics import image_retrieval, image_to_text, similarity_gap, text_to_image, zero_shot_classification
 
 
 def on_circle(degrees: list[float]) -> torch.Tensor:
@@ -15,57 +14,46 @@ def on_circle(degrees: list[float]) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 1024])
-def test_image_retrieval_matches_a_hand_computed_case(chunk_size: int):
-    # Angles 0, 20, 30, 90 with digits 0, 0, 1, 1. Ranked neighbours (relevant = 1):
+def test_image_retrieval_ranks_by_cosine_as_in_a_hand_computed_case(chunk_size: int):
+    # Angles 0, 20, 30, 90 with digits 0, 0, 1, 1. Ranked by cosine (relevant = 1):
     # 0 deg: 20 30 90 -> 1 0 0, AP 1;   20 deg: 30 0 90 -> 0 1 0, AP 1/2
     # 30 deg: 20 0 90 -> 0 0 1, AP 1/3; 90 deg: 30 20 0 -> 1 0 0, AP 1
     features, labels = on_circle([0, 20, 30, 90]), torch.tensor([0, 0, 1, 1])
-    result = image_retrieval(features, labels, ks=(1, 2, 3), typicality_weight=0, chunk_size=chunk_size)
+    result = image_retrieval(features, labels, ks=(1, 2, 3), hubness_k=1, chunk_size=chunk_size)
     assert result["precision@1"] == pytest.approx(2 / 4)
     assert result["precision@2"] == pytest.approx((1 / 2 + 1 / 2 + 0 + 1 / 2) / 4)
     assert result["precision@3"] == pytest.approx(1 / 3)
     assert result["mAP"] == pytest.approx((1 + 1 / 2 + 1 / 3 + 1) / 4)
+    # Nearest neighbours: 0 -> 20, 20 -> 30, 30 -> 20, 90 -> 30: 20 and 30 are found twice, 0 and 90 never.
+    assert result["hubness"] == pytest.approx({"k": 1, "coverage": 0.5, "skewness": 0.0, "max_occurrence": 2})
 
 
-@pytest.mark.parametrize("chunk_size", [1, 3, 1024])
-def test_typicality_is_the_mean_cosine_with_the_nearest_others(chunk_size: int):
-    def cos(degrees: float) -> float:
-        return math.cos(math.radians(degrees))
-
-    features = on_circle([0, 20, 30, 90])  # each image's two nearest others are 20 and 30, 10 and 20, 10 and 30, 60 and 70 deg away
-    expected = [(cos(20) + cos(30)) / 2, (cos(10) + cos(20)) / 2, (cos(10) + cos(30)) / 2, (cos(60) + cos(70)) / 2]
-    assert typicality(features, k=2, chunk_size=chunk_size).tolist() == pytest.approx(expected)
-    assert typicality(features, k=10).tolist() == pytest.approx(typicality(features, k=3).tolist())  # k shrinks to N - 1
-
-
-def test_typicality_keeps_an_ambiguous_image_out_of_a_clear_query_s_neighbours():
-    # Sixty clear 0s at 0-3 deg and sixty clear 1s at 60-63 deg; between them a 0 at 12 deg
-    # and an ambiguous 1 at 20 deg. By cosine, the 0 at 12 deg finds the 1 at 20 deg (8 deg away)
-    # before the nearest clear 0 (9 deg away), and the 1 at 20 deg finds the 0 at 12 deg.
-    # Typicality ranks the clear 0 first for the 0 at 12 deg; the ambiguous 1's own top
-    # neighbour stays the 0 at 12 deg, the only image within 17 deg of it.
-    clear = torch.linspace(0, 3, 60)
-    features = on_circle([*clear.tolist(), *(clear + 60).tolist(), 12, 20])
-    labels = torch.tensor([0] * 60 + [1] * 60 + [0, 1])
-    assert image_retrieval(features, labels, ks=(1,), typicality_weight=0)["precision@1"] == pytest.approx(120 / 122)
-    assert image_retrieval(features, labels, ks=(1,))["precision@1"] == pytest.approx(121 / 122)
+@pytest.mark.parametrize("chunk_size", [2, 1024])
+def test_hubness_finds_the_image_that_is_every_query_s_nearest(chunk_size: int):
+    # A hub at the north pole and four images around it, 30-33 degrees from it and 41 or more
+    # from each other: the hub is the nearest image of all four, the nearest 30 degrees away of the hub.
+    # k-occurrences (k = 1): hub 4, the image at 30 degrees 1, the rest 0.
+    latitudes, longitudes = torch.tensor([30.0, 31, 32, 33]).deg2rad(), torch.tensor([0.0, 90, 180, 270]).deg2rad()
+    ring = torch.stack([latitudes.sin() * longitudes.cos(), latitudes.sin() * longitudes.sin(), latitudes.cos()], dim=1)
+    features = torch.cat([torch.tensor([[0.0, 0.0, 1.0]]), ring])
+    result = image_retrieval(features, torch.zeros(5, dtype=torch.long), ks=(1,), hubness_k=1, chunk_size=chunk_size)
+    # Mean 1, deviations 3, 0, -1, -1, -1: variance 12/5, third moment 24/5.
+    assert result["hubness"] == pytest.approx({"k": 1, "coverage": 2 / 5, "skewness": (24 / 5) / (12 / 5) ** 1.5, "max_occurrence": 4})
 
 
-def test_reranking_reorders_only_each_query_s_shortlist(monkeypatch):
-    monkeypatch.setattr(metrics, "RERANKED", 2)
-    similarities = torch.tensor([[0.9, 0.8, 0.7, 0.1]])
-    bonus = torch.tensor([0.0, 0.5, 0.0, 1.0])
-    # The shortlist, images 0 and 1, scores 0.9 and 1.3; image 3's bonus would lift it to 1.1,
-    # but it is outside the shortlist, so images 2 and 3 follow in the order of their similarity.
-    order = ranking_scores(similarities, bonus).argsort(dim=1, descending=True)
-    assert order.tolist() == [[1, 0, 2, 3]]
+def test_a_query_is_never_its_own_neighbour():
+    # Images 0 and 1 are the same picture; every image has its own label, so a query that found itself would score.
+    features, labels = on_circle([0, 0, 90]), torch.tensor([0, 1, 2])
+    assert image_retrieval(features, labels, ks=(1,), hubness_k=1)["precision@1"] == 0.0
 
 
 def test_perfect_embedding_has_precision_and_map_one():
     labels = torch.arange(33) % 3  # 11 images per digit: 10 relevant neighbours each
     features = F.one_hot(labels, 8).float()  # every digit its own direction
     result = image_retrieval(features, labels, chunk_size=7)
-    assert result == pytest.approx({"precision@1": 1.0, "precision@5": 1.0, "precision@10": 1.0, "mAP": 1.0})
+    assert {name: result[name] for name in ("precision@1", "precision@5", "precision@10", "mAP")} == pytest.approx(
+        dict.fromkeys(result.keys() - {"hubness"}, 1.0)
+    )
 
 
 def test_random_embedding_scores_chance():
@@ -86,6 +74,8 @@ def test_random_embedding_scores_chance():
 def test_image_retrieval_refuses_k_beyond_the_gallery():
     with pytest.raises(ValueError, match="0 < k < 4"):
         image_retrieval(on_circle([0, 20, 30, 90]), torch.tensor([0, 0, 1, 1]), ks=(1, 4))
+    with pytest.raises(ValueError, match="0 < k < 4"):
+        image_retrieval(on_circle([0, 20, 30, 90]), torch.tensor([0, 0, 1, 1]), ks=(1,), hubness_k=4)
 
 
 def test_zero_shot_and_image_to_text_match_a_hand_computed_case():

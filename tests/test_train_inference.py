@@ -87,14 +87,6 @@ def test_invalid_arguments_are_refused_with_usage(flag: str, value: str, capsys)
     assert "usage:" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("value", ["-1", "nan", "inf", "high"])
-def test_invalid_typicality_weight_is_refused_with_usage(value: str, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        inference.parse_args(["--typicality-weight", value])
-    assert exit_info.value.code == 2
-    assert "usage:" in capsys.readouterr().err
-
-
 @pytest.mark.parametrize("script", [train, inference])
 def test_device_cuda_without_cuda_is_refused_with_usage(script, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -103,3 +95,17 @@ def test_device_cuda_without_cuda_is_refused_with_usage(script, monkeypatch, cap
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "usage:" in err and "CUDA is not available" in err
+
+
+def test_pictures_of_the_same_name_from_two_folders_each_get_their_own_figure(digits_checkpoint: Path, tmp_path: Path):
+    paths = []
+    for folder, box in (("a", (30, 30, 90, 130)), ("b", (50, 20, 70, 140))):  # a 0 and a 1
+        picture = Image.new("RGB", (120, 160), "white")
+        ImageDraw.Draw(picture).ellipse(box, outline="black", width=10)
+        (tmp_path / folder).mkdir()
+        picture.save(tmp_path / folder / "digit.png")
+        paths.append(str(tmp_path / folder / "digit.png"))
+    out = inference.main(["--checkpoint", str(digits_checkpoint), "--output-dir", str(tmp_path / "out"), "--image", *paths])
+    figures = [query["figure"] for query in out["queries"]]
+    assert figures == [tmp_path / "out" / "retrieval_digit.png", tmp_path / "out" / "retrieval_digit-2.png"]
+    assert all(figure.is_file() for figure in figures)
