@@ -31,12 +31,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train
+from checkpoint import load_model
 from clip import clip_loss
 from dataset import Splits, load_splits, normalize
-from inference import load_model
 from metrics import image_retrieval
 from text_encoder import DIGIT_CAPTIONS, DigitTextEncoder
-from utils import PRECISIONS, embed_images, pick_device, resolve_precision, zero_shot_accuracy
+from utils import PRECISIONS, embed_images, pick_device, positive_int, resolve_precision, zero_shot_accuracy
 
 LEVELS = (0.98, 0.99, 0.995)
 SETTINGS = {"default": [], "fast": ["--epochs", "1", "--batch-size", "128", "--lr", "5e-3"]}
@@ -276,7 +276,7 @@ def markdown(report: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--data-dir", default="data", help="folder that holds (or receives) MNIST")
-    p.add_argument("--runs", type=train.positive_int, default=3, help="seeded runs of each recipe")
+    p.add_argument("--runs", type=positive_int, default=3, help="seeded runs of each recipe")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to train")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="as train.py's --precision")
     p.add_argument("--output-dir", type=Path, default=Path("docs"), help="where benchmark.json and benchmark.md go")

@@ -20,10 +20,11 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.tensorboard import SummaryWriter
 
 import figures
-from clip import CLIP, CLIPConfig
+from checkpoint import CheckpointError, latest_run, load_model
+from clip import CLIP
 from dataset import DATASETS, DataError, ImageError, Split, load_splits, to_mnist_style
 from metrics import evaluate_embeddings
-from utils import PRECISIONS, CheckpointError, class_embeddings, embed_images, latest_run, load_checkpoint, pick_device, resolve_precision
+from utils import PRECISIONS, class_embeddings, embed_images, pick_device, resolve_precision
 
 TOP_K = 5
 SIMILARITY_ROWS = 12  # test images in the similarity matrix figure
@@ -63,14 +64,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as error:
         p.error(str(error))
     return args
-
-
-def load_model(path: Path, device: torch.device) -> tuple[CLIP, dict]:
-    """Rebuild the model from the config stored in its checkpoint."""
-    state = load_checkpoint(path, device, keys=("model", "config", "dataset", "args", "epoch", "best_accuracy", "history"))
-    model = CLIP(CLIPConfig.from_dict(state["config"])).to(device).to(memory_format=torch.channels_last)
-    model.load_state_dict(state["model"])
-    return model.eval(), state
 
 
 def load_user_image(path: Path) -> torch.Tensor:
@@ -284,7 +277,7 @@ def show_caption(gallery: Gallery, digit: int, output_dir: Path) -> Path:
 def load_gallery(model: CLIP, state: dict, args: argparse.Namespace, precision: str) -> Gallery:
     """The split that args.split names, from the data the model was trained on unless args say otherwise,
     with the validation split held out exactly as in training."""
-    dataset, data_dir = args.dataset or state["dataset"], args.data_dir or state["args"]["data_dir"]
+    dataset, data_dir = args.dataset or state["args"]["dataset"], args.data_dir or state["args"]["data_dir"]
     if args.split == "val":
         name, split = "validation", load_splits(dataset, data_dir, val_size=state["args"]["val_size"]).val
     else:

@@ -9,6 +9,7 @@ the caption of digit i.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 HUBNESS_K = 5  # the hubness figures are about top-5 lists: what inference.py shows
 
@@ -132,6 +133,39 @@ def similarity_gap(image_features: torch.Tensor, text_features: torch.Tensor, la
     matching[torch.arange(len(labels)), labels] = True
     matching_mean, non_matching_mean = similarities[matching].mean().item(), similarities[~matching].mean().item()
     return {"matching": matching_mean, "non_matching": non_matching_mean, "gap": matching_mean - non_matching_mean}
+
+
+def modality_gap(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor, k: int = HUBNESS_K) -> dict:
+    """Where the captions sit beside their digits' images (Liang et al., 2022, "Mind the Gap"),
+    and how typical of its digit each image that a caption retrieves is.
+
+    caption_to_centroid: per digit, the cosine distance (1 - cosine) from its caption to the
+    direction of the mean of its images; image_to_centroid: the median of that distance over
+    the digit's own images, for scale. returned_percentile: per caption, for each of its k
+    nearest images, the share (in %) of that image's digit lying closer to their centroid than
+    it does, averaged: 50 for typical images, near 100 for the strangest. A digit absent from
+    the split has None.
+    """
+    n_classes = len(text_features)
+    to_caption, to_own, percentiles = [None] * n_classes, [None] * n_classes, [None] * n_classes
+    distance = torch.full((len(labels),), float("nan"), device=image_features.device)  # each image's from its digit's centroid
+    for digit in labels.unique().tolist():
+        members = labels == digit
+        centroid = F.normalize(image_features[members].mean(dim=0), dim=0)
+        distance[members] = 1 - image_features[members] @ centroid
+        to_caption[digit] = 1 - (text_features[digit] @ centroid).item()
+        to_own[digit] = distance[members].median().item()
+    for digit in range(n_classes):
+        returned = (text_features[digit] @ image_features.T).topk(min(k, len(labels))).indices
+        shares = [(distance[labels == labels[i]] < distance[i]).float().mean().item() for i in returned.tolist()]
+        percentiles[digit] = 100 * sum(shares) / len(shares) if to_own[digit] is not None else None
+    present = [p for p in percentiles if p is not None]
+    return {
+        "caption_to_centroid": to_caption,
+        "image_to_centroid": to_own,
+        "returned_percentile": percentiles,
+        "mean_returned_percentile": sum(present) / len(present),
+    }
 
 
 def evaluate_embeddings(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor) -> dict:

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import sys
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime
 from itertools import islice
 from pathlib import Path
@@ -33,57 +33,29 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from checkpoint import RUNS_DIR, CheckpointError, RandomState, RunState, latest_run, load_checkpoint, load_model, save_checkpoint
 from clip import CLIP, CLIPConfig, clip_loss
-from dataset import DATASETS, DataError, batches, load_splits, normalize, random_affine
+from dataset import DATASETS, DataError, Split, batches, load_splits, normalize, random_affine
 from utils import (
     PRECISIONS,
-    RUNS_DIR,
-    CheckpointError,
     GracefulStop,
     autocast,
-    latest_run,
-    load_checkpoint,
+    decay,
+    int_tuple,
+    non_negative_float,
     pick_device,
+    positive_float,
+    positive_int,
     resolve_precision,
-    save_checkpoint,
     seed_everything,
     zero_shot_accuracy,
 )
 
 # A resumed run takes its settings from its checkpoint, except these, which say where this process runs.
 PER_PROCESS_ARGS = ("resume", "run_name", "runs_dir", "device")
-# Settings that decide what is trained: resuming refuses other values (and compares the model config too).
-# The others (--precision, --data-dir, --log-interval) may change: a run trained in bf16 on one machine
-# continues in fp32 on a machine without native bf16.
-RUN_ARGS = (
-    "dataset",
-    "val_size",
-    "epochs",
-    "batch_size",
-    "lr",
-    "weight_decay",
-    "ema_decay",
-    "max_shift",
-    "max_rotation",
-    "max_scale",
-    "seed",
-    "dry_run",
-)
-# What --resume needs from a checkpoint, besides loading safely.
-RESUME_KEYS = (
-    "model",
-    "training_model",
-    "optimizer",
-    "scheduler",
-    "config",
-    "args",
-    "step",
-    "epoch",
-    "best_accuracy",
-    "history",
-    "rng",
-    "epoch_loss_sum",
-)
+# These may differ from the checkpoint's too; any other setting decides what is trained, and resuming
+# refuses to change it. A run trained in bf16 on one machine continues in fp32 on one without native bf16.
+CHANGEABLE_ARGS = (*PER_PROCESS_ARGS, "precision", "data_dir", "log_interval")
 
 
 # The offline digits are 1,797 images: smaller batches give them enough steps.
@@ -92,28 +64,6 @@ DATASET_DEFAULTS = {"mnist": {"val_size": 5000, "batch_size": 512}, "digits": {"
 
 class TrainingError(RuntimeError):
     """Training cannot go on; the message says why and what was saved."""
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def int_tuple(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(positive_int(part) for part in text.split(","))
-    except (ValueError, argparse.ArgumentTypeError):
-        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers such as 16,32,64, got {text}") from None
-    return values
 
 
 def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) -> argparse.Namespace:
@@ -125,9 +75,9 @@ def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) 
         "--batch-size", type=positive_int, default=None, help="image-text pairs per step (default: 512 for mnist, 128 for digits)"
     )
     p.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="AdamW weight decay on weight matrices and kernels")
+    p.add_argument("--weight-decay", type=non_negative_float, default=5e-4, help="AdamW weight decay on weight matrices and kernels")
     p.add_argument(
-        "--ema-decay", type=float, default=0.99, help="decay of the weights' moving average that is evaluated and saved (0: none)"
+        "--ema-decay", type=decay, default=0.99, help="decay of the weights' moving average that is evaluated and saved (0: none)"
     )
     p.add_argument("--max-shift", type=float, default=2.0, help="random translation of training images, in pixels")
     p.add_argument("--max-rotation", type=float, default=10.0, help="random rotation of training images, in degrees")
@@ -195,40 +145,24 @@ def model_config(args: argparse.Namespace) -> CLIPConfig:
     return CLIPConfig(image_widths=args.image_widths, image_blocks_per_stage=args.blocks_per_stage, embed_dim=args.embed_dim)
 
 
-def resume_conflicts(args: argparse.Namespace, state: dict) -> list[str]:
-    """The settings in `args` that differ from those the checkpoint `state` was trained with."""
-    saved_args, saved_config = state["args"], CLIPConfig.from_dict(state["config"]).to_dict()
+def resumed_settings(argv: list[str] | None, args: argparse.Namespace) -> tuple[argparse.Namespace, dict, Path]:
+    """For --resume: the run's settings (the checkpoint's, where the command line says nothing else),
+    the checkpoint and the run's folder. CheckpointError names any setting that would change what is trained."""
+    path = latest_run(args.runs_dir, "last.pt") if args.resume == "latest" else Path(args.resume)
+    checkpoint = load_checkpoint(path, args.device, keys=RunState.keys())
+    saved = {name: value for name, value in checkpoint["args"].items() if name not in PER_PROCESS_ARGS}
+    args = parse_args(argv, run_defaults=saved)  # only what the command line says explicitly can differ now
     conflicts = [
-        f"{name} {getattr(args, name)!r} (checkpoint: {saved_args.get(name)!r})"
-        for name in RUN_ARGS
-        if getattr(args, name) != saved_args.get(name)
+        f"{name} {getattr(args, name)!r} (checkpoint: {value!r})"
+        for name, value in saved.items()
+        if name not in CHANGEABLE_ARGS and getattr(args, name) != value
     ]
-    conflicts += [
-        f"{name} {value!r} (checkpoint: {saved_config[name]!r})"
-        for name, value in model_config(args).to_dict().items()
-        if value != saved_config[name]
-    ]
-    return conflicts
-
-
-def rng_states(augment_generator: torch.Generator, device: torch.device) -> dict:
-    """The random generators' states as uint8 tensors, which `weights_only` loading accepts. Nothing
-    draws from torch's global generators while training today; saving them keeps resuming exact if
-    something (dropout, say) starts to."""
-    states = {"device": device.type, "augment": augment_generator.get_state(), "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        states["cuda"] = torch.cuda.get_rng_state(device)
-    return states
-
-
-def restore_rng_states(states: dict, augment_generator: torch.Generator, device: torch.device) -> None:
-    if states["device"] != device.type:  # another kind of generator: its state does not carry over
-        print(f"note: the run was trained on {states['device']}; on {device.type} its data order and augmentation continue differently")
-        return
-    augment_generator.set_state(states["augment"].cpu())  # loading moved the states onto the device
-    torch.set_rng_state(states["torch"].cpu())
-    if "cuda" in states:
-        torch.cuda.set_rng_state(states["cuda"].cpu(), device)
+    if conflicts:
+        raise CheckpointError(
+            f"{path} was trained with other settings: {', '.join(conflicts)}; leave these options out to continue the run as it was"
+        )
+    args.run_name = path.parent.name
+    return args, checkpoint, path.parent
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
@@ -269,22 +203,167 @@ class MovingAverage:
     """Exponential moving average of a model's weights and batch-norm statistics, which
     generalises better than the last step's weights; it is what gets evaluated and saved.
     The decay ramps up from 0.1 so the poor weights of the first steps are soon forgotten.
-    The step count is a Python int, so an update never waits for the GPU."""
+
+    torch.optim.swa_utils.AveragedModel does not replace it: it has no ramp, it reads its
+    update count back from the device twice an update (a wait for the GPU at every step),
+    and its state dict's "module." keys would no longer load old checkpoints."""
 
     def __init__(self, model: CLIP, decay: float):
         self.model = copy.deepcopy(model)
         self.decay = decay
-        self.updates = 0
 
     @torch.no_grad()
-    def update(self, model: CLIP) -> None:
-        self.updates += 1
-        weight = min(self.decay, (1 + self.updates) / (10 + self.updates))
+    def update(self, model: CLIP, step: int) -> None:
+        """Fold in `model`'s weights after optimizer step `step` (1 for the first)."""
+        weight = min(self.decay, (1 + step) / (10 + step))
         for averaged, current in zip(self.model.state_dict().values(), model.state_dict().values(), strict=True):
             if averaged.is_floating_point():
                 averaged.lerp_(current, 1 - weight)
             else:  # batch norm's step counter
                 averaged.copy_(current)
+
+
+@dataclass
+class Loop:
+    """What the steps of one training process share, besides the run's state: how and where it runs."""
+
+    args: argparse.Namespace
+    precision: str
+    run_dir: Path
+    epochs: int
+    steps_per_epoch: int
+    writer: SummaryWriter
+    watch: LossWatch
+    stop: GracefulStop
+
+
+def new_run(args: argparse.Namespace, config: CLIPConfig, total_steps: int) -> tuple[RunState, MovingAverage]:
+    """A run at step 0: the model, its moving average, AdamW and the one-cycle schedule."""
+    device = args.device
+    model = CLIP(config).to(device).to(memory_format=torch.channels_last)
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
+    average = MovingAverage(model, args.ema_decay)
+    state = RunState(
+        model=average.model,
+        config=config.to_dict(),
+        args={name: str(value) if isinstance(value, (Path, torch.device)) else value for name, value in vars(args).items()},
+        step=0,
+        epoch=0,
+        best_accuracy=-1.0,
+        history=[],
+        training_model=model,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps, pct_start=0.25),
+        rng=RandomState(torch.Generator(device).manual_seed(args.seed), device),
+        epoch_loss_sum=torch.zeros((), device=device),
+    )
+    return state, average
+
+
+def train_one_epoch(loop: Loop, state: RunState, average: MovingAverage, split: Split) -> None:
+    """Train on epoch `state.epoch` until it ends, or until a signal asks to stop. A resumed run skips
+    the steps of this epoch it has trained on already."""
+    args, model = loop.args, state.training_model
+    # The data order depends on (seed, epoch) alone, so a resumed run sees the same batches.
+    order = torch.Generator(args.device).manual_seed(args.seed * 100_003 + state.epoch)
+    done = state.step - state.epoch * loop.steps_per_epoch
+    progress = tqdm(
+        islice(batches(split, args.batch_size, order), done, loop.steps_per_epoch),
+        initial=done,
+        total=loop.steps_per_epoch,
+        desc=f"epoch {state.epoch + 1}/{loop.epochs}",
+        leave=False,
+    )
+    class_tokens = model.class_tokens(args.device)
+    model.train()
+    for images, labels in progress:
+        images = normalize(random_affine(images, args.max_shift, args.max_rotation, args.max_scale, state.rng.augment))
+        with autocast(args.device, loop.precision):
+            logits = model(images.contiguous(memory_format=torch.channels_last), class_tokens[labels])
+        loss = clip_loss(logits, labels)
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        state.optimizer.step()
+        state.scheduler.step()
+        model.clamp_logit_scale()
+        state.step += 1
+        average.update(model, state.step)
+        state.epoch_loss_sum += loss.detach()
+        loop.watch.update(loss.detach(), state.step)
+        if state.step % args.log_interval == 0:  # .item() waits for the device: only at log steps
+            loop.watch.check(loop.run_dir / "last.pt")
+            batch_accuracy = (labels[logits.argmax(dim=1)] == labels).float().mean().item()
+            progress.set_postfix(loss=f"{loss.item():.4f}", acc=f"{batch_accuracy:.3f}")
+            loop.writer.add_scalar("train/loss", loss.item(), state.step)
+            loop.writer.add_scalar("train/lr", state.scheduler.get_last_lr()[0], state.step)
+            loop.writer.add_scalar("train/logit_scale", model.logit_scale.exp().item(), state.step)
+        if loop.stop.received:
+            return
+
+
+def validate(loop: Loop, state: RunState, split: Split, seconds: float) -> None:
+    """End the epoch: score the moving average on the validation split, record the epoch, save
+    last.pt, and best.pt when the accuracy is the best so far."""
+    accuracy = zero_shot_accuracy(state.model, split.images, split.labels, loop.precision)
+    improved = accuracy > state.best_accuracy
+    state.history.append(
+        {
+            "epoch": state.epoch + 1,
+            "step": state.step,
+            "train_loss": state.epoch_loss_sum.item() / loop.steps_per_epoch,
+            "val_accuracy": accuracy,
+            "logit_scale": state.model.logit_scale.exp().item(),
+            "seconds": seconds,
+            "precision": loop.precision,  # what ran, where --precision auto chose: a resumed run may change machine
+        }
+    )
+    state.epoch += 1
+    state.epoch_loss_sum = torch.zeros((), device=loop.args.device)  # the next epoch's sum starts from zero
+    state.best_accuracy = max(state.best_accuracy, accuracy)
+    loop.writer.add_scalar("val/zero_shot_accuracy", accuracy, state.step)
+    save(loop, state, "last.pt")
+    if improved:
+        save(loop, state, "best.pt")
+    print(
+        f"epoch {state.epoch}/{loop.epochs}: loss {state.history[-1]['train_loss']:.4f}, validation accuracy {accuracy:.2%}{' (best)' if improved else ''}, {seconds:.0f}s"
+    )
+
+
+def save(loop: Loop, state: RunState, name: str) -> None:
+    """Save the run as it stands in the run folder; never a run whose loss or weights are not finite."""
+    last = loop.run_dir / "last.pt"
+    loop.watch.check(last)
+    if not all_finite(state.training_model.state_dict().values()):
+        raise non_finite_error(f"the weights became NaN or infinite by step {state.step}", last)
+    save_checkpoint(state.state_dict(), loop.run_dir / name)
+
+
+def exit_after_signal(loop: Loop, state: RunState) -> NoReturn:
+    loop.writer.close()  # flush the TensorBoard logs too
+    last = loop.run_dir / "last.pt"
+    print(
+        f"stopped by {loop.stop.received.name} after step {state.step}, saved in {last}; continue with\n  python train.py --resume {last}",
+        file=sys.stderr,
+    )
+    raise SystemExit(loop.stop.exit_code)
+
+
+def finish(loop: Loop, state: RunState, split: Split, train_seconds: float) -> dict:
+    """Score the epoch that did best on validation (best.pt), once, on the test split."""
+    model = load_model(loop.run_dir / "best.pt", loop.args.device)[0]
+    test_accuracy = zero_shot_accuracy(model, split.images, split.labels, loop.precision)
+    loop.writer.add_scalar("test/zero_shot_accuracy", test_accuracy, state.step)
+    loop.writer.close()
+    print(
+        f"test zero-shot accuracy {test_accuracy:.2%} ({len(split):,} images) with the best validation epoch; training took {train_seconds:.0f}s"
+    )
+    print(f"next: python inference.py --checkpoint {loop.run_dir / 'best.pt'}")
+    return {
+        "run_dir": loop.run_dir,
+        "best_val_accuracy": state.best_accuracy,
+        "test_accuracy": test_accuracy,
+        "train_seconds": train_seconds,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -294,169 +373,41 @@ def main(argv: list[str] | None = None) -> dict:
 
 def run(argv: list[str] | None, stop: GracefulStop) -> dict:
     """Train as the command line says; `stop` tells the loop when a signal asks it to save and exit."""
-    args = parse_args(argv)
-    resume_state = None
+    args, checkpoint = parse_args(argv), None
     if args.resume is not None:
-        resume_path = latest_run(args.runs_dir, "last.pt") if args.resume == "latest" else Path(args.resume)
-        resume_state = load_checkpoint(resume_path, args.device, keys=RESUME_KEYS)
-        saved = {name: value for name, value in resume_state["args"].items() if name not in PER_PROCESS_ARGS}
-        args = parse_args(argv, run_defaults=saved)  # only what the command line says explicitly can differ now
-        conflicts = resume_conflicts(args, resume_state)
-        if conflicts:
-            raise CheckpointError(
-                f"{resume_path} was trained with other settings: {', '.join(conflicts)}; leave these options out to continue the run as it was"
-            )
-        args.run_name = resume_path.parent.name
-        run_dir = resume_path.parent
+        args, checkpoint, run_dir = resumed_settings(argv, args)
     else:
         run_dir = new_run_dir(args.runs_dir, args.run_name, args.dataset)
-    device = args.device
-    precision, why = resolve_precision(args.precision, device)
+    precision, why = resolve_precision(args.precision, args.device)
     seed_everything(args.seed)
-
     try:
         splits = load_splits(args.dataset, args.data_dir, args.val_size)
     except DataError as error:
         raise SystemExit(f"error: {error}") from None
-    train_split, val_split, test_split = splits.train.to(device), splits.val.to(device), splits.test.to(device)
+    train_split, val_split, test_split = splits.train.to(args.device), splits.val.to(args.device), splits.test.to(args.device)
 
-    config = model_config(args)
-    model = CLIP(config).to(device).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
-    ema = MovingAverage(model, args.ema_decay)
     steps_per_epoch = 2 if args.dry_run else len(train_split) // args.batch_size
     epochs = 1 if args.dry_run else args.epochs
     if steps_per_epoch == 0:
         raise SystemExit(f"error: --batch-size {args.batch_size} exceeds the {len(train_split)} training images: lower it")
-    total_steps = epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps, pct_start=0.25)
+    # A resumed run is rebuilt from its checkpoint's config, which holds what the model was.
+    config = CLIPConfig.from_dict(checkpoint["config"]) if checkpoint else model_config(args)
+    state, average = new_run(args, config, epochs * steps_per_epoch)
+    if checkpoint:
+        state.load_state_dict(checkpoint)
+    loop = Loop(args, precision, run_dir, epochs, steps_per_epoch, SummaryWriter(str(run_dir)), LossWatch(args.device), stop)
 
-    step, start_epoch, best_accuracy, history = 0, 0, -1.0, []
-    augment_generator = torch.Generator(device).manual_seed(args.seed)
-    loss_sum = torch.zeros((), device=device)  # of the current epoch's steps, summed on the device
-    if resume_state is not None:
-        model.load_state_dict(resume_state["training_model"])
-        ema.model.load_state_dict(resume_state["model"])
-        ema.updates = resume_state["step"]
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        step, start_epoch = resume_state["step"], resume_state["epoch"]
-        best_accuracy, history, loss_sum = resume_state["best_accuracy"], resume_state["history"], resume_state["epoch_loss_sum"]
-        restore_rng_states(resume_state["rng"], augment_generator, device)
-    loss_watch = LossWatch(device)
-
-    def checkpoint(path: Path, epochs_done: int) -> None:
-        """Save the run as it stands after `step` steps, `epochs_done` of them complete epochs."""
-        loss_watch.check(run_dir / "last.pt")
-        if not all_finite(model.state_dict().values()):
-            raise non_finite_error(f"the weights became NaN or infinite by step {step}", run_dir / "last.pt")
-        save_checkpoint(
-            {
-                "model": ema.model.state_dict(),  # the weights to evaluate and use
-                "training_model": model.state_dict(),  # the weights the optimizer steps
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "config": config.to_dict(),
-                "args": {k: str(v) if isinstance(v, (Path, torch.device)) else v for k, v in vars(args).items()},
-                "dataset": args.dataset,
-                "step": step,
-                "epoch": epochs_done,
-                "best_accuracy": best_accuracy,
-                "history": history,
-                "rng": rng_states(augment_generator, device),
-                "epoch_loss_sum": loss_sum,
-            },
-            path,
-        )
-
-    def exit_after_signal() -> NoReturn:
-        writer.close()  # flush the TensorBoard logs too
-        print(
-            f"stopped by {stop.received.name} after step {step}, saved in {run_dir / 'last.pt'}; continue with\n"
-            f"  python train.py --resume {run_dir / 'last.pt'}",
-            file=sys.stderr,
-        )
-        raise SystemExit(stop.exit_code)
-
-    writer = SummaryWriter(str(run_dir))
-    print(f"{why}; training on {device}, {sum(p.numel() for p in model.parameters()):,} parameters, run folder {run_dir}")
-    class_tokens = model.class_tokens(device)
+    print(f"{why}; training on {args.device}, {sum(p.numel() for p in state.model.parameters()):,} parameters, run folder {run_dir}")
     start_time = time.perf_counter()
-    for epoch in range(start_epoch, epochs):
-        model.train()
-        # The data order depends on (seed, epoch) alone, so a resumed run sees the same batches,
-        # and skips those of this epoch it has trained on already.
-        order_generator = torch.Generator(device).manual_seed(args.seed * 100_003 + epoch)
-        done = step - epoch * steps_per_epoch
-        progress = tqdm(
-            islice(batches(train_split, args.batch_size, order_generator), done, steps_per_epoch),
-            initial=done,
-            total=steps_per_epoch,
-            desc=f"epoch {epoch + 1}/{epochs}",
-            leave=False,
-        )
-        for images, labels in progress:
-            images = normalize(random_affine(images, args.max_shift, args.max_rotation, args.max_scale, augment_generator)).contiguous(
-                memory_format=torch.channels_last
-            )
-            with autocast(device, precision):
-                logits = model(images, class_tokens[labels])
-            loss = clip_loss(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            model.clamp_logit_scale()
-            ema.update(model)
-            loss_sum += loss.detach()
-            step += 1
-            loss_watch.update(loss.detach(), step)
-            if step % args.log_interval == 0:  # .item() waits for the device: only at log steps
-                loss_watch.check(run_dir / "last.pt")
-                batch_accuracy = (labels[logits.argmax(dim=1)] == labels).float().mean().item()
-                progress.set_postfix(loss=f"{loss.item():.4f}", acc=f"{batch_accuracy:.3f}")
-                writer.add_scalar("train/loss", loss.item(), step)
-                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
-                writer.add_scalar("train/logit_scale", model.logit_scale.exp().item(), step)
-            if stop.received:
-                checkpoint(run_dir / "last.pt", epoch)
-                exit_after_signal()
-
-        val_accuracy = zero_shot_accuracy(ema.model, val_split.images, val_split.labels, precision)
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "step": step,
-                "train_loss": loss_sum.item() / steps_per_epoch,
-                "val_accuracy": val_accuracy,
-                "logit_scale": ema.model.logit_scale.exp().item(),
-                "seconds": time.perf_counter() - start_time,
-                "precision": precision,  # what ran, where --precision auto chose: a resumed run may change machine
-            }
-        )
-        loss_sum = torch.zeros((), device=device)  # the next epoch's sum starts from zero
-        writer.add_scalar("val/zero_shot_accuracy", val_accuracy, step)
-        improved = val_accuracy > best_accuracy
-        best_accuracy = max(best_accuracy, val_accuracy)
-        checkpoint(run_dir / "last.pt", epoch + 1)
-        if improved:
-            checkpoint(run_dir / "best.pt", epoch + 1)
-        print(
-            f"epoch {epoch + 1}/{epochs}: loss {history[-1]['train_loss']:.4f}, validation accuracy {val_accuracy:.2%}{' (best)' if improved else ''}, {history[-1]['seconds']:.0f}s"
-        )
+    while state.epoch < epochs:
+        train_one_epoch(loop, state, average, train_split)
+        if stop.received:
+            save(loop, state, "last.pt")
+            exit_after_signal(loop, state)
+        validate(loop, state, val_split, time.perf_counter() - start_time)
         if stop.received:  # it came during validation; last.pt is saved already
-            exit_after_signal()
-
-    train_seconds = time.perf_counter() - start_time
-    model.load_state_dict(load_checkpoint(run_dir / "best.pt", device)["model"])
-    test_accuracy = zero_shot_accuracy(model, test_split.images, test_split.labels, precision)
-    writer.add_scalar("test/zero_shot_accuracy", test_accuracy, step)
-    writer.close()
-    print(
-        f"test zero-shot accuracy {test_accuracy:.2%} ({len(test_split):,} images) with the best validation epoch; training took {train_seconds:.0f}s"
-    )
-    print(f"next: python inference.py --checkpoint {run_dir / 'best.pt'}")
-    return {"run_dir": run_dir, "best_val_accuracy": best_accuracy, "test_accuracy": test_accuracy, "train_seconds": train_seconds}
+            exit_after_signal(loop, state)
+    return finish(loop, state, test_split, time.perf_counter() - start_time)
 
 
 if __name__ == "__main__":

@@ -1,22 +1,54 @@
-"""Helpers shared by the scripts: devices, seeding, safe checkpoints, embedding images."""
+"""Helpers shared by the scripts: devices, precision, seeding, signals, embedding images."""
 
 from __future__ import annotations
 
+import argparse
+import math
 import os
-import pickle
 import random
 import signal
 import sys
-import tempfile
-import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from dataset import normalize
 
-RUNS_DIR = Path("runs")
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be zero or a positive number, got {text}")
+    return value
+
+
+def decay(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+    return value
+
+
+def int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(positive_int(part) for part in text.split(","))
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers such as 16,32,64, got {text}") from None
+    return values
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -88,49 +120,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def save_checkpoint(state: dict, path: Path) -> None:
-    """Write to a temporary file beside `path`, then move it into place: a crash never
-    leaves a half-written checkpoint, and the previous one stays intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())  # on disk before the rename, so a power cut cannot leave an empty file
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be loaded; the message names the file and the problem."""
-
-
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", keys: tuple[str, ...] = ("model", "config")) -> dict:
-    """Load a checkpoint safely: `weights_only=True` refuses pickles that would run code.
-    CheckpointError names the file when it cannot be loaded or lacks one of `keys`."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}: check the path, or train one with `python train.py`")
-    try:
-        with warnings.catch_warnings():
-            # torch warns about the pickle protocol of files that are not zip archives; the error below says it all.
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            state = torch.load(path, map_location=device, weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(
-            f"{path} is damaged, or holds objects other than tensors and plain values (which could run code when loaded); refusing to load it"
-        ) from error
-    except Exception as error:  # a damaged file fails in torch.load as RuntimeError, EOFError, KeyError, ValueError and more
-        raise CheckpointError(f"{path} is truncated or damaged, or not a checkpoint; use another checkpoint") from error
-    missing = [key for key in keys if not isinstance(state, dict) or key not in state]
-    if missing:
-        raise CheckpointError(f"{path} is not a checkpoint written by train.py: it lacks {', '.join(missing)}")
-    return state
-
-
 class GracefulStop:
     """Within `with GracefulStop() as stop:`, the first Ctrl-C (SIGINT) or SIGTERM only
     sets `stop.received`, so a training loop can finish its step, save and exit; a second
@@ -161,14 +150,6 @@ class GracefulStop:
             f"\n{self.received.name}: stopping after this training step, which is saved; Ctrl-C again stops at once, unsaved",
             file=sys.stderr,
         )
-
-
-def latest_run(runs_dir: Path = RUNS_DIR, filename: str = "best.pt") -> Path:
-    """The newest `runs_dir/<run>/filename`."""
-    candidates = sorted(runs_dir.glob(f"*/{filename}"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise CheckpointError(f"no {filename} under {runs_dir}/: train a model with `python train.py` first")
-    return candidates[-1]
 
 
 @torch.inference_mode()

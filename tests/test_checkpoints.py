@@ -12,8 +12,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from clip import CLIP, CLIPConfig
-from utils import CheckpointError, load_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = CLIPConfig(image_widths=(8, 16), text_hidden_dim=16, embed_dim=16)

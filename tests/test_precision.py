@@ -12,6 +12,7 @@ from test_train_inference import TINY
 import inference
 import train
 import utils
+from checkpoint import load_checkpoint
 
 CPU = torch.device("cpu")
 
@@ -79,7 +80,7 @@ def test_an_explicit_precision_is_honoured_whatever_the_cpu(asked: str, native_b
     result = train.main([*TINY, "--dry-run", "--runs-dir", str(runs_dir), "--precision", asked])
     assert set(used) == {asked}
     assert capsys.readouterr().out.startswith(f"{asked}: as asked by --precision {asked}")
-    assert train.load_checkpoint(result["run_dir"] / "last.pt")["history"][-1]["precision"] == asked
+    assert load_checkpoint(result["run_dir"] / "last.pt")["history"][-1]["precision"] == asked
 
 
 def test_no_amp_still_means_fp32(monkeypatch):
@@ -112,6 +113,6 @@ def test_a_run_started_in_bf16_resumes_in_fp32_on_a_cpu_without_it(tmp_path: Pat
     monkeypatch.undo()
     fake_cpu(monkeypatch, capability="AVX2")
     train.main(["--resume", str(last)])  # not refused: auto was asked, and auto now means fp32
-    state = train.load_checkpoint(last)
+    state = load_checkpoint(last)
     assert state["args"]["precision"] == "auto"  # what was asked...
     assert [epoch["precision"] for epoch in state["history"]] == ["bf16", "fp32"]  # ...and what each epoch ran in

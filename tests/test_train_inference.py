@@ -6,7 +6,7 @@ from PIL import Image, ImageDraw
 
 import inference
 import train
-from utils import load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
 
 TINY = ["--dataset", "digits", "--image-widths", "8,16", "--embed-dim", "16", "--batch-size", "128", "--log-interval", "2"]
 

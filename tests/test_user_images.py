@@ -15,9 +15,9 @@ from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
 import inference
+from checkpoint import save_checkpoint
 from clip import CLIP, CLIPConfig
 from dataset import ImageError, to_mnist_style
-from utils import save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -165,8 +165,8 @@ def untrained_checkpoint(tmp_path_factory) -> Path:
     state = {
         "model": CLIP(config).state_dict(),
         "config": config.to_dict(),
-        "dataset": "digits",
-        "args": {"data_dir": "data"},
+        "args": {"dataset": "digits", "data_dir": "data"},
+        "step": 0,
         "epoch": 0,
         "best_accuracy": 0.0,
         "history": [],

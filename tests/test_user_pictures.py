@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import inference
+from checkpoint import load_model
 from dataset import to_mnist_style
 from utils import class_embeddings, embed_images
 
@@ -33,7 +34,7 @@ CANVASES = [  # (size, paper, ink): dark on light as written, and chalk on a bla
 
 @pytest.fixture(scope="module")
 def model(mnist_checkpoint: Path):
-    return inference.load_model(mnist_checkpoint, torch.device("cpu"))[0]
+    return load_model(mnist_checkpoint, torch.device("cpu"))[0]
 
 
 def draw_digit(digit: int, font, size: tuple[int, int], paper, ink, mode: str = "RGB") -> Image.Image:
