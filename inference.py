@@ -112,7 +112,8 @@ def print_similarities(name: str, similarities: torch.Tensor, probabilities: tor
 def print_metrics(metrics: dict, n_images: int) -> None:
     zero_shot, text_to_image = metrics["zero_shot"], metrics["text_to_image"]
     print(f"zero-shot classification: top-1 {zero_shot['top1_accuracy']:.2%}, top-2 {zero_shot['top2_accuracy']:.2%}")
-    print("  accuracy per digit  " + "  ".join(f"{d}:{a:.2%}" for d, a in enumerate(zero_shot["per_digit_accuracy"])))
+    per_digit = (f"{d}:{'absent' if a is None else f'{a:.2%}'}" for d, a in enumerate(zero_shot["per_digit_accuracy"]))
+    print("  accuracy per digit  " + "  ".join(per_digit))
     print("  confusion matrix (rows: true digit, columns: predicted)")
     for digit, row in enumerate(zero_shot["confusion_matrix"]):
         print(f"    {digit}: " + " ".join(f"{count:5d}" for count in row))

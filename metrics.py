@@ -17,26 +17,36 @@ HUBNESS_K = 5  # the hubness figures are about top-5 lists: what inference.py sh
 def rank_of_label(similarities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """(N, C) similarities -> (N,) 1-based rank of each row's own label among the C columns.
 
-    A tie with the correct column counts in the model's favour, so a rank is
-    1 + the number of columns that score strictly higher.
+    Ties are broken by column order, as argmax breaks them, so rank 1 is exactly a correct
+    prediction: a rank is 1 + the number of columns that score higher, or as high and come first.
     """
     own = similarities.gather(1, labels[:, None])
-    return 1 + (similarities > own).sum(dim=1)
+    columns = torch.arange(similarities.shape[1], device=similarities.device)
+    ahead = (similarities > own) | ((similarities == own) & (columns < labels[:, None]))
+    return 1 + ahead.sum(dim=1)
+
+
+def mean_of_present(values: list[float | None]) -> float:
+    """The mean over the classes present in the split (those whose value is not None)."""
+    present = [value for value in values if value is not None]
+    return sum(present) / len(present)
 
 
 def zero_shot_classification(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor) -> dict:
     """Each image is classified as its most similar caption: top-1 and top-2 accuracy,
-    accuracy per digit, and the confusion matrix (row: true digit, column: predicted)."""
+    accuracy per digit (None for a digit absent from the split), and the confusion matrix
+    (row: true digit, column: predicted)."""
     similarities = image_features @ text_features.T  # (N, C)
     ranks = rank_of_label(similarities, labels)
     predictions = similarities.argmax(dim=1)
     n_classes = len(text_features)
     confusion = torch.bincount(labels * n_classes + predictions, minlength=n_classes**2).view(n_classes, n_classes)
-    per_class = confusion.diag() / confusion.sum(dim=1).clamp(min=1)  # a digit absent from the split scores 0
+    counts = confusion.sum(dim=1).tolist()
+    per_class = [correct / count if count else None for correct, count in zip(confusion.diag().tolist(), counts, strict=True)]
     return {
         "top1_accuracy": (ranks <= 1).float().mean().item(),
         "top2_accuracy": (ranks <= 2).float().mean().item(),
-        "per_digit_accuracy": per_class.tolist(),
+        "per_digit_accuracy": per_class,
         "confusion_matrix": confusion.tolist(),
     }
 
@@ -57,7 +67,8 @@ def image_retrieval(
     Average precision averages the precision at the rank of every relevant image, so it
     rewards ranking all of them first; mAP is its mean over the queries that have at least
     one relevant image. `hubness` describes how evenly the images are found (see `hubness`).
-    Queries are processed `chunk_size` at a time, so memory grows as chunk_size x N, never N x N.
+    Images that score the same are ranked in the order of the split. Queries are processed
+    `chunk_size` at a time, so memory grows as chunk_size x N, never N x N.
     """
     n = len(features)
     if min(ks) < 1 or max(*ks, hubness_k) >= n:
@@ -71,7 +82,7 @@ def image_retrieval(
         rows = torch.arange(len(queries), device=features.device)
         similarities = queries @ features.T  # (B, N)
         similarities[rows, start + rows] = -float("inf")  # each query sorts itself last...
-        order = similarities.argsort(dim=1, descending=True)[:, :-1]  # ...and drops out here
+        order = similarities.argsort(dim=1, descending=True, stable=True)[:, :-1]  # ...and drops out here
         occurrences += torch.bincount(order[:, :hubness_k].flatten(), minlength=n)
         relevant = (labels[order] == labels[start : start + len(queries), None]).float()  # (B, N-1)
         for k in ks:
@@ -107,22 +118,29 @@ def text_to_image(
     image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 10, 100, 1000)
 ) -> dict:
     """Each digit's caption ranks the images: precision@k and recall@k per digit and
-    averaged over digits, and the rank of the first image of that digit.
+    averaged over digits, and the rank of the first image of that digit. A digit absent
+    from the split has None for each and is left out of the averages.
 
     recall@k is the share of all that digit's images found in the top k, so it only
     approaches 1 when k nears the number of images per digit (about 1,000 in
-    MNIST's test split); a k larger than the split is left out.
+    MNIST's test split); a k larger than the split is left out. Images that score the
+    same are ranked in the order of the split.
     """
     ks = tuple(k for k in ks if k <= len(labels))
-    order = (text_features @ image_features.T).argsort(dim=1, descending=True)  # (C, N)
+    order = (text_features @ image_features.T).argsort(dim=1, descending=True, stable=True)  # (C, N)
     relevant = labels[order] == torch.arange(len(text_features), device=labels.device)[:, None]
+    present = relevant.any(dim=1).tolist()
     n_relevant = relevant.sum(dim=1).clamp(min=1)
-    first_rank = (relevant.float().argmax(dim=1) + 1).float()
     found = {k: relevant[:, :k].sum(dim=1).float() for k in ks}
-    per_digit = {f"precision@{k}": (found[k] / k).tolist() for k in ks} | {f"recall@{k}": (found[k] / n_relevant).tolist() for k in ks}
-    result = {name: sum(values) / len(values) for name, values in per_digit.items()}
-    result["mean_first_correct_rank"] = first_rank.mean().item()
-    result["per_digit"] = {**per_digit, "first_correct_rank": first_rank.tolist()}
+
+    def per_digit(values: torch.Tensor) -> list[float | None]:
+        return [value if here else None for value, here in zip(values.tolist(), present, strict=True)]
+
+    by_digit = {f"precision@{k}": per_digit(found[k] / k) for k in ks} | {f"recall@{k}": per_digit(found[k] / n_relevant) for k in ks}
+    by_digit["first_correct_rank"] = per_digit(relevant.float().argmax(dim=1) + 1.0)
+    result = {name: mean_of_present(values) for name, values in by_digit.items() if name != "first_correct_rank"}
+    result["mean_first_correct_rank"] = mean_of_present(by_digit["first_correct_rank"])
+    result["per_digit"] = by_digit
     return result
 
 
@@ -159,12 +177,11 @@ def modality_gap(image_features: torch.Tensor, text_features: torch.Tensor, labe
         returned = (text_features[digit] @ image_features.T).topk(min(k, len(labels))).indices
         shares = [(distance[labels == labels[i]] < distance[i]).float().mean().item() for i in returned.tolist()]
         percentiles[digit] = 100 * sum(shares) / len(shares) if to_own[digit] is not None else None
-    present = [p for p in percentiles if p is not None]
     return {
         "caption_to_centroid": to_caption,
         "image_to_centroid": to_own,
         "returned_percentile": percentiles,
-        "mean_returned_percentile": sum(present) / len(present),
+        "mean_returned_percentile": mean_of_present(percentiles),
     }
 
 

@@ -61,3 +61,14 @@ def test_logit_scale_starts_at_clip_value_and_is_clamped_at_100():
     model.clamp_logit_scale()
     assert math.isclose(model.logit_scale.exp().item(), 100.0, rel_tol=1e-5)
     assert model.logit_scale.item() == pytest.approx(MAX_LOGIT_SCALE)
+
+
+def test_logits_stay_fp32_under_bf16_autocast():
+    model = CLIP(SMALL)
+    images, tokens = torch.randn(6, 1, 28, 28), model.class_tokens("cpu")[:6]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(images, tokens)
+        image_features, text_features = model.encode_image(images), model.encode_text(tokens)
+    assert logits.dtype == torch.float32
+    expected = model.logit_scale.exp() * (image_features @ text_features.T)  # fp32, outside autocast
+    assert torch.allclose(logits, expected, rtol=1e-6, atol=1e-6)
