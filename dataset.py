@@ -215,9 +215,13 @@ def to_mnist_style(image: Image.Image) -> torch.Tensor:
         raise ImageError(f"the picture has no pixels ({image.width}x{image.height})")
     image = ImageOps.exif_transpose(image)
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        # 16- and 32-bit grey: NaN and infinities are no ink, and the 16-bit range maps onto 8 bits.
-        pixels = np.nan_to_num(np.asarray(image), nan=0.0, posinf=65535.0, neginf=0.0).clip(0, 65535).astype(np.float64)
-        pixels = pixels / 257.0 if pixels.max() > 255 else pixels
+        # 16- and 32-bit grey, mapped onto 8 bits by the range its values use: [0, 1] for a float
+        # picture within it, else the smallest 2^n - 1 (n >= 8) that holds its brightest pixel, so
+        # that a dim 10- or 12-bit scan stored in 16 bits is not read as blank. NaN is paper.
+        values = np.asarray(image, dtype=np.float64)
+        peak = values[np.isfinite(values)].max(initial=0.0)
+        full_scale = 1.0 if image.mode == "F" and peak <= 1 else max(255.0, 2.0 ** np.ceil(np.log2(peak + 1)) - 1)
+        pixels = np.nan_to_num(values, nan=0.0, posinf=full_scale, neginf=0.0).clip(0, full_scale) * (255.0 / full_scale)
     else:
         try:
             rgba = image.convert("RGBA")  # every other mode, transparency included
@@ -227,7 +231,7 @@ def to_mnist_style(image: Image.Image) -> torch.Tensor:
         paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         pixels = np.asarray(Image.alpha_composite(paper, rgba).convert("L"), dtype=np.float64)
     background = np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]))  # the paper, at the border
-    if background > 127:  # light paper: make the ink the bright part, as in MNIST
+    if background - pixels.min() > pixels.max() - background:  # ink darker than the paper: make it the bright part, as in MNIST
         pixels, background = 255.0 - pixels, 255.0 - background
     contrast = pixels.max() - background
     if contrast < 32:

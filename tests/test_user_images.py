@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import example, given, settings
+from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
@@ -217,6 +217,42 @@ def pictures(draw) -> Image.Image:
     if draw(st.booleans()):
         image.getexif()[0x0112] = draw(st.integers(0, 10))  # EXIF orientation: 1-8 are valid
     return image
+
+
+@st.composite
+def pictures_of_a_one(draw) -> Image.Image:
+    """A "1" in any of the modes that hold grey or colour, with the paper and ink values anywhere
+    in the mode's range as long as they differ by a quarter of the range the picture uses: a float
+    picture in [0, 1], a 16-bit one as dim as a 10-bit scan, a light or a dark paper."""
+    mode = draw(st.sampled_from(("1", "L", "P", "LA", "RGB", "RGBA", "CMYK", "I", "I;16", "F")))
+    size = (draw(st.integers(12, 60)), draw(st.integers(12, 60)))
+    stroke = np.asarray(draw_one(Image.new("L", size, 0), 255)) > 0
+    full_scale = {"F": draw(st.sampled_from((1.0, 255.0))), "I": 65535, "I;16": draw(st.sampled_from((1023, 4095, 65535)))}.get(mode, 255)
+    values = st.floats(0, full_scale) if mode == "F" else st.integers(0, full_scale)
+    paper, ink = draw(values), draw(values)
+    assume(abs(paper - ink) >= full_scale / 4 and (mode != "1" or abs(paper - ink) == 255))
+    pixels = np.where(stroke, ink, paper)
+    if mode in ("F", "I", "I;16"):
+        return Image.fromarray(pixels.astype({"F": np.float32, "I": np.int32, "I;16": np.uint16}[mode]))
+    return Image.fromarray(pixels.astype(np.uint8), "L").convert(mode)
+
+
+@pytest.mark.parametrize(
+    "paper, ink, dtype",
+    [(0.0, 1.0, np.float32), (1.0, 0.2, np.float32), (0, 1000, np.uint16), (4000, 300, np.uint16)],
+    ids=["float in [0, 1]", "float, light paper", "10-bit in 16", "12-bit in 16, light paper"],
+)
+def test_float_and_dim_16_bit_pictures_are_read_in_the_range_they_use(paper, ink, dtype):
+    stroke = np.asarray(draw_one(Image.new("L", (40, 60), 0), 255)) > 0
+    digit = to_mnist_style(Image.fromarray(np.where(stroke, ink, paper).astype(dtype)))
+    assert digit.max() > 127
+
+
+@settings(max_examples=200, deadline=None)  # no deadline: the shared CPU's speed varies
+@given(pictures_of_a_one())
+def test_a_picture_that_holds_a_digit_is_converted(image: Image.Image):
+    digit = to_mnist_style(image)
+    assert digit.max() > 127 and digit[:, :4].max() == 0 and digit[:, -4:].max() == 0  # ink in the middle, none at the sides
 
 
 @settings(max_examples=300, deadline=None)  # no deadline: the shared CPU's speed varies
