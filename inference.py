@@ -23,7 +23,7 @@ import figures
 from checkpoint import CheckpointError, latest_run, load_model
 from clip import CLIP
 from dataset import DATASETS, DataError, ImageError, Split, load_splits, to_mnist_style
-from metrics import evaluate_embeddings
+from metrics import centred, evaluate_embeddings, mean_of_present
 from utils import PRECISIONS, class_embeddings, embed_images, pick_device, resolve_precision
 
 TOP_K = 5
@@ -125,9 +125,16 @@ def print_metrics(metrics: dict, n_images: int) -> None:
         f"  hubness of the top-{hubs['k']} lists: {hubs['coverage']:.1%} of the images are in at least one, "
         f"k-occurrence skewness {hubs['skewness']:.2f}, the biggest hub is in {hubs['max_occurrence']}"
     )
-    at_k = ", ".join(f"{name} {value:.2%}" for name, value in text_to_image.items() if "@" in name)
-    print(f"text-to-image retrieval (mean over digits): {at_k}")
+    for name, ranking in (("text_to_image", "centred embeddings"), ("text_to_image_by_cosine", "plain cosine")):
+        at_k = ", ".join(f"{k} {value:.2%}" for k, value in metrics[name].items() if "@" in k)
+        print(f"text-to-image retrieval by {ranking} (mean over digits): {at_k}")
     print(f"  mean rank of the first correct image {text_to_image['mean_first_correct_rank']:.2f}")
+    gap = metrics["modality_gap"]
+    print(
+        f"  modality gap: each caption lies {mean_of_present(gap['caption_to_centroid']):.3f} (cosine distance) from its digit's image centroid, "
+        f"its images {mean_of_present(gap['image_to_centroid']):.3f}; the images a caption retrieves are more typical than "
+        f"{100 - gap['mean_returned_percentile']:.0f}% of their digit ({100 - gap['mean_returned_percentile_by_cosine']:.0f}% by plain cosine)"
+    )
     image_to_text, similarity = metrics["image_to_text"], metrics["similarity"]
     print(f"image-to-text: recall@1 {image_to_text['recall@1']:.2%}, mean rank of the correct digit {image_to_text['mean_rank']:.3f}")
     print(
@@ -180,12 +187,17 @@ def evaluate(gallery: Gallery, state: dict, output_dir: Path) -> dict:
     )
     save(figure, "image_retrieval")
 
-    top = (text_features @ image_features.T).topk(TOP_K)
     digits = list(range(len(text_features)))
-    figure = figures.plot_retrieval(
-        [f'"{d}"' for d in digits], split.images[top.indices], labels[top.indices], top.values, digits, ["caption"] * len(digits)
-    )
-    save(figure, "text_retrieval")
+    for name, images, texts in (
+        ("text_retrieval", centred(image_features), centred(text_features)),
+        ("text_retrieval_by_cosine", image_features, text_features),
+    ):
+        top = (texts @ images.T).topk(TOP_K)
+        captions = [f'"{d}"' for d in digits]
+        save(
+            figures.plot_retrieval(captions, split.images[top.indices], labels[top.indices], top.values, digits, ["caption"] * len(digits)),
+            name,
+        )
 
     sample = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:TSNE_POINTS]
     save(figures.plot_tsne(image_features[sample], labels[sample], text_features), "tsne")
@@ -225,7 +237,13 @@ def classify_and_retrieve(
     )
     figures.save(figure, figure_path)
     print(f"  top-{TOP_K} similar {gallery.name} images: labels {labels.tolist()}, figure {figure_path}")
-    return {"name": name, "predicted": predicted, "probabilities": probabilities.tolist(), "figure": figure_path}
+    return {
+        "name": name,
+        "predicted": predicted,
+        "probabilities": probabilities.tolist(),
+        "neighbours": nearest.tolist(),
+        "figure": figure_path,
+    }
 
 
 def show_split_image(model: CLIP, gallery: Gallery, index: int, precision: str, output_dir: Path) -> dict:
@@ -264,8 +282,8 @@ def show_user_pictures(model: CLIP, gallery: Gallery, paths: list[Path], precisi
 
 
 def show_caption(gallery: Gallery, digit: int, output_dir: Path) -> Path:
-    """--text: the split's images nearest to a digit's caption."""
-    top = (gallery.image_features @ gallery.text_features[digit]).cpu().topk(TOP_K)
+    """--text: the split's images nearest to a digit's caption, by the cosine of centred embeddings (metrics.centred)."""
+    top = (centred(gallery.image_features) @ centred(gallery.text_features)[digit]).cpu().topk(TOP_K)
     labels = gallery.split.labels[top.indices]
     figure = figures.plot_retrieval(
         [f'"{digit}"'], gallery.split.images[top.indices][None], labels[None], top.values[None], [digit], ["caption"]

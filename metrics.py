@@ -32,6 +32,17 @@ def mean_of_present(values: list[float | None]) -> float:
     return sum(present) / len(present)
 
 
+def centred(features: torch.Tensor) -> torch.Tensor:
+    """`features` less their mean, back on the unit sphere.
+
+    Each modality of a CLIP model fills its own narrow cone, and the two cones sit apart: the
+    modality gap (Liang et al., 2022). A caption then lies beyond the edge of its digit's images,
+    and the images nearest to it are the most extreme of the digit. Text-to-image retrieval ranks
+    by the cosine of centred images and centred captions instead, which returns typical images.
+    """
+    return F.normalize(features - features.mean(dim=0), dim=-1)
+
+
 def zero_shot_classification(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor) -> dict:
     """Each image is classified as its most similar caption: top-1 and top-2 accuracy,
     accuracy per digit (None for a digit absent from the split), and the confusion matrix
@@ -115,17 +126,24 @@ def hubness(occurrences: torch.Tensor, k: int) -> dict:
 
 
 def text_to_image(
-    image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 10, 100, 1000)
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    labels: torch.Tensor,
+    ks: tuple[int, ...] = (1, 10, 100, 1000),
+    centre: bool = True,
 ) -> dict:
-    """Each digit's caption ranks the images: precision@k and recall@k per digit and
-    averaged over digits, and the rank of the first image of that digit. A digit absent
-    from the split has None for each and is left out of the averages.
+    """Each digit's caption ranks the images, by the cosine of `centred` embeddings unless
+    centre=False: precision@k and recall@k per digit and averaged over digits, and the rank
+    of the first image of that digit. A digit absent from the split has None for each and is
+    left out of the averages.
 
     recall@k is the share of all that digit's images found in the top k, so it only
     approaches 1 when k nears the number of images per digit (about 1,000 in
     MNIST's test split); a k larger than the split is left out. Images that score the
     same are ranked in the order of the split.
     """
+    if centre:
+        image_features, text_features = centred(image_features), centred(text_features)
     ks = tuple(k for k in ks if k <= len(labels))
     order = (text_features @ image_features.T).argsort(dim=1, descending=True, stable=True)  # (C, N)
     relevant = labels[order] == torch.arange(len(text_features), device=labels.device)[:, None]
@@ -155,33 +173,43 @@ def similarity_gap(image_features: torch.Tensor, text_features: torch.Tensor, la
 
 def modality_gap(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor, k: int = HUBNESS_K) -> dict:
     """Where the captions sit beside their digits' images (Liang et al., 2022, "Mind the Gap"),
-    and how typical of its digit each image that a caption retrieves is.
+    and how typical of its digit each image is that a caption retrieves.
 
     caption_to_centroid: per digit, the cosine distance (1 - cosine) from its caption to the
     direction of the mean of its images; image_to_centroid: the median of that distance over
     the digit's own images, for scale. returned_percentile: per caption, for each of its k
     nearest images, the share (in %) of that image's digit lying closer to their centroid than
-    it does, averaged: 50 for typical images, near 100 for the strangest. A digit absent from
-    the split has None.
+    it does, averaged: 50 for typical images, near 100 for the strangest; for text-to-image
+    retrieval by centred embeddings, and by the plain cosine. A digit absent from the split has None.
     """
     n_classes = len(text_features)
-    to_caption, to_own, percentiles = [None] * n_classes, [None] * n_classes, [None] * n_classes
-    distance = torch.full((len(labels),), float("nan"), device=image_features.device)  # each image's from its digit's centroid
+    to_caption, to_own = [None] * n_classes, [None] * n_classes
+    distance = torch.zeros(len(labels), device=image_features.device)  # each image's from its digit's centroid
     for digit in labels.unique().tolist():
         members = labels == digit
         centroid = F.normalize(image_features[members].mean(dim=0), dim=0)
         distance[members] = 1 - image_features[members] @ centroid
         to_caption[digit] = 1 - (text_features[digit] @ centroid).item()
         to_own[digit] = distance[members].median().item()
-    for digit in range(n_classes):
-        returned = (text_features[digit] @ image_features.T).topk(min(k, len(labels))).indices
-        shares = [(distance[labels == labels[i]] < distance[i]).float().mean().item() for i in returned.tolist()]
-        percentiles[digit] = 100 * sum(shares) / len(shares) if to_own[digit] is not None else None
+
+    def returned_percentiles(images: torch.Tensor, texts: torch.Tensor) -> list[float | None]:
+        returned = (texts @ images.T).topk(min(k, len(labels)), dim=1).indices  # (C, k)
+        return [
+            100 * sum((distance[labels == labels[i]] < distance[i]).float().mean().item() for i in row) / len(row)
+            if own is not None
+            else None
+            for row, own in zip(returned.tolist(), to_own, strict=True)
+        ]
+
+    centred_ranking = returned_percentiles(centred(image_features), centred(text_features))
+    cosine_ranking = returned_percentiles(image_features, text_features)
     return {
         "caption_to_centroid": to_caption,
         "image_to_centroid": to_own,
-        "returned_percentile": percentiles,
-        "mean_returned_percentile": mean_of_present(percentiles),
+        "returned_percentile": centred_ranking,
+        "mean_returned_percentile": mean_of_present(centred_ranking),
+        "returned_percentile_by_cosine": cosine_ranking,
+        "mean_returned_percentile_by_cosine": mean_of_present(cosine_ranking),
     }
 
 
@@ -191,6 +219,8 @@ def evaluate_embeddings(image_features: torch.Tensor, text_features: torch.Tenso
         "zero_shot": zero_shot_classification(image_features, text_features, labels),
         "image_to_image": image_retrieval(image_features, labels),
         "text_to_image": text_to_image(image_features, text_features, labels),
+        "text_to_image_by_cosine": text_to_image(image_features, text_features, labels, centre=False),
         "image_to_text": image_to_text(image_features, text_features, labels),
         "similarity": similarity_gap(image_features, text_features, labels),
+        "modality_gap": modality_gap(image_features, text_features, labels),
     }

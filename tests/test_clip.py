@@ -72,3 +72,22 @@ def test_logits_stay_fp32_under_bf16_autocast():
     assert logits.dtype == torch.float32
     expected = model.logit_scale.exp() * (image_features @ text_features.T)  # fp32, outside autocast
     assert torch.allclose(logits, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_loss_with_repeated_labels_matches_a_hand_computed_value():
+    # Images 0 and 1 show the same digit, so each has two positive captions, each weighted 1/2.
+    labels = torch.tensor([4, 4, 9])
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 3.0, 1.0], [1.0, -1.0, 2.0]])  # not symmetric
+
+    def log_softmax(row: list[float]) -> list[float]:
+        log_total = math.log(sum(math.exp(value) for value in row))
+        return [value - log_total for value in row]
+
+    targets = [[0.5, 0.5, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]
+    rows, columns = logits.tolist(), logits.T.tolist()
+    image_to_text = -sum(t * p for i in range(3) for t, p in zip(targets[i], log_softmax(rows[i]), strict=True)) / 3
+    text_to_image = -sum(t * p for i in range(3) for t, p in zip(targets[i], log_softmax(columns[i]), strict=True)) / 3
+    assert clip_loss(logits, labels).item() == pytest.approx((image_to_text + text_to_image) / 2, rel=1e-6)
+    assert clip_loss(logits.T, labels).item() == pytest.approx(
+        (image_to_text + text_to_image) / 2, rel=1e-6
+    )  # symmetric in its two directions

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metrics import image_retrieval, image_to_text, similarity_gap, text_to_image, zero_shot_classification
+from metrics import image_retrieval, image_to_text, modality_gap, similarity_gap, text_to_image, zero_shot_classification
 
 
 def on_circle(degrees: list[float]) -> torch.Tensor:
@@ -111,3 +111,46 @@ def test_similarity_gap_of_a_hand_computed_case():
     # Matching cosines 1 and 0.707; non-matching 0 and 0.707.
     result = similarity_gap(images, texts, labels)
     assert result == pytest.approx({"matching": (1 + 0.5**0.5) / 2, "non_matching": 0.5**0.5 / 2, "gap": 0.5})
+
+
+def test_a_tie_counts_as_argmax_breaks_it_by_column_order():
+    texts = torch.eye(2)
+    images = F.normalize(torch.tensor([[1.0, 1.0], [1.0, 1.0]]), dim=1)  # equally near both captions
+    labels = torch.tensor([0, 1])  # argmax says 0 for both: right for the first, wrong for the second
+    assert image_to_text(images, texts, labels) == pytest.approx({"recall@1": 0.5, "mean_rank": 1.5})
+    assert zero_shot_classification(images, texts, labels)["top1_accuracy"] == 0.5
+
+
+def test_tied_images_are_ranked_in_the_order_of_the_split():
+    # Images 1 and 2 are the same picture: from image 0, image 1 (another digit) comes first, image 2 second.
+    features, labels = on_circle([0, 30, 30, 90]), torch.tensor([0, 1, 0, 1])
+    assert image_retrieval(features, labels, ks=(1, 2), hubness_k=1)["precision@1"] == pytest.approx((0 + 0 + 0 + 1) / 4)
+    texts = on_circle([30, 90])
+    assert text_to_image(features, texts, labels, ks=(1,), centre=False)["per_digit"]["precision@1"] == [0.0, 1.0]
+
+
+def test_a_digit_absent_from_the_split_has_no_scores_and_is_left_out_of_the_means():
+    texts = torch.eye(3)  # captions of digits 0, 1, 2; no image of digit 2
+    images, labels = F.normalize(torch.tensor([[1.0, 0.1, 0.0], [0.1, 1.0, 0.2]]), dim=1), torch.tensor([0, 1])
+    assert zero_shot_classification(images, texts, labels)["per_digit_accuracy"] == [1.0, 1.0, None]
+    result = text_to_image(images, texts, labels, ks=(1,), centre=False)
+    assert result["per_digit"]["first_correct_rank"] == [1.0, 1.0, None]
+    assert result["per_digit"]["recall@1"] == [1.0, 1.0, None]
+    assert (result["precision@1"], result["mean_first_correct_rank"]) == (1.0, 1.0)
+    gap = modality_gap(images, texts, labels, k=1)
+    assert gap["caption_to_centroid"][2] is None and gap["returned_percentile"][2] is None
+
+
+def test_centring_returns_a_digit_s_typical_images_where_the_plain_cosine_returns_its_extremes():
+    # The images lie around the z axis, digit 0 towards +x and digit 1 towards -x, each spread
+    # along y; the captions lie around the y axis (their own cone), towards +x and -x. The plain
+    # cosine favours the images furthest along y, the extremes; centring both removes the
+    # images' shared z and the captions' shared y, and leaves each caption pointing at the middle
+    # of its digit.
+    spread = torch.tensor([-0.2, -0.1, 0.0, 0.1, 0.2])
+    side = torch.tensor([1.0] * 5 + [-1.0] * 5)
+    images = F.normalize(torch.stack([0.3 * side, spread.repeat(2), torch.ones(10)], dim=1), dim=1)
+    captions = F.normalize(torch.tensor([[0.3, 1.0, 0.0], [-0.3, 1.0, 0.0]]), dim=1)
+    gap = modality_gap(images, captions, (side < 0).long(), k=1)
+    assert gap["returned_percentile_by_cosine"] == pytest.approx([60.0, 60.0])  # y = 0.2: three of five lie nearer the middle
+    assert gap["returned_percentile"] == pytest.approx([0.0, 0.0])  # y = 0, the middle itself
