@@ -218,7 +218,8 @@ def to_mnist_style(image: Image.Image) -> torch.Tensor:
         # 16- and 32-bit grey, mapped onto 8 bits by the range its values use: [0, 1] for a float
         # picture within it, else the smallest 2^n - 1 (n >= 8) that holds its brightest pixel, so
         # that a dim 10- or 12-bit scan stored in 16 bits is not read as blank. NaN is paper.
-        values = np.asarray(image, dtype=np.float64)
+        with np.errstate(invalid="ignore"):  # converting a signalling NaN warns; it is paper all the same
+            values = np.asarray(image).astype(np.float64)
         peak = values[np.isfinite(values)].max(initial=0.0)
         full_scale = 1.0 if image.mode == "F" and peak <= 1 else max(255.0, 2.0 ** np.ceil(np.log2(peak + 1)) - 1)
         pixels = np.nan_to_num(values, nan=0.0, posinf=full_scale, neginf=0.0).clip(0, full_scale) * (255.0 / full_scale)
