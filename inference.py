@@ -23,7 +23,7 @@ import figures
 from checkpoint import CheckpointError, latest_run, load_model
 from clip import CLIP
 from dataset import DATASETS, DataError, ImageError, Split, load_splits, to_mnist_style
-from metrics import centred, evaluate_embeddings, mean_of_present
+from metrics import centred, evaluate_embeddings, mean_of_present, zero_shot_classification
 from utils import PRECISIONS, class_embeddings, embed_images, pick_device, resolve_precision
 
 TOP_K = 5
@@ -313,8 +313,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"loaded {checkpoint} (epoch {state['epoch']}, validation accuracy {state['best_accuracy']:.2%}); {why}")
 
     gallery = load_gallery(model, state, args, precision)
-    predictions = (gallery.image_features @ gallery.text_features.T).argmax(dim=1).cpu()
-    accuracy = (predictions == gallery.split.labels).float().mean().item()
+    accuracy = zero_shot_classification(gallery.image_features, gallery.text_features, gallery.split.labels.to(args.device))[
+        "top1_accuracy"
+    ]
     print(f"zero-shot accuracy on the {len(gallery.split):,} {gallery.name} images: {accuracy:.2%}")
     if args.evaluate:
         return {"accuracy": accuracy, "metrics": evaluate(gallery, state, output_dir)}

@@ -7,9 +7,8 @@ keeps the epoch that scored best there, and only that model is scored on the
 test split. Everything lands in runs/<run-name>/ (TensorBoard logs, last.pt,
 best.pt).
 
-The defaults reach 99.62% zero-shot accuracy on MNIST's test split (mean of
-three seeds) in 189 s of training on a 2-core CPU; `--epochs 1 --batch-size 128
---lr 5e-3` reaches 99.15% in 14 s (python benchmark.py, README's results).
+What the defaults reach, and how fast on which CPU, is measured by
+benchmark.py and listed in the README's Results.
 
 Ctrl-C or SIGTERM ends the current step, saves last.pt and prints the command
 that continues the run exactly where it stopped: python train.py --resume

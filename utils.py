@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from dataset import normalize
+from metrics import zero_shot_classification
 
 
 def positive_int(text: str) -> int:
@@ -175,6 +176,6 @@ def class_embeddings(model) -> torch.Tensor:
 
 
 def zero_shot_accuracy(model, images: torch.Tensor, labels: torch.Tensor, precision: str = "fp32") -> float:
-    """Share of images whose most similar digit caption is their own label."""
-    predictions = (embed_images(model, images, precision) @ class_embeddings(model).T).argmax(dim=1)
-    return (predictions == labels.to(predictions.device)).float().mean().item()
+    """Share of images whose most similar digit caption is their own label, as metrics.py counts it."""
+    image_features = embed_images(model, images, precision)
+    return zero_shot_classification(image_features, class_embeddings(model), labels.to(image_features.device))["top1_accuracy"]

@@ -20,7 +20,7 @@ def runs_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def mnist_checkpoint(tmp_path_factory) -> Path:
-    """best.pt of a small model trained on real MNIST (98% in about 20 s), for tests that need
+    """best.pt of a small model trained on real MNIST for two epochs, for tests that need
     a model that reads handwriting. Users' clones have no MNIST, so these tests are skipped
     unless MNIST_DIR names a folder holding MNIST/raw; CI sets it."""
     data_dir = os.environ.get("MNIST_DIR")
