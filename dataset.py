@@ -4,6 +4,7 @@ A split is one (N, 28, 28) uint8 image tensor and one (N,) int64 label tensor.
 MNIST is small enough to live on the device whole, so batches are made by
 indexing with a random permutation and augmented per batch on the device: no
 DataLoader workers, no per-sample PIL conversion (the airbench recipe).
+Users' own picture files are read here too, and converted as MNIST was made.
 """
 
 from __future__ import annotations
@@ -11,13 +12,14 @@ from __future__ import annotations
 import math
 import struct
 import urllib.error
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SIZE = 28
 # Mean and standard deviation of MNIST's training pixels, scaled to [0, 1].
@@ -204,6 +206,32 @@ def batches(split: Split, batch_size: int, generator: torch.Generator | None = N
     for start in range(0, n - batch_size + 1, batch_size):
         idx = order[start : start + batch_size]
         yield split.images[idx], split.labels[idx]
+
+
+def load_user_image(path: Path) -> torch.Tensor:
+    """An image file -> (28, 28) uint8 in MNIST's style; ImageError with the reason when impossible."""
+    return to_mnist_style(read_image_file(path))
+
+
+def read_image_file(path: Path) -> Image.Image:
+    """Decode an image file whole (an animation's first frame); ImageError with the reason when impossible."""
+    if path.is_dir():
+        raise ImageError("it is a folder, not an image file")
+    try:
+        with warnings.catch_warnings():
+            # Pillow refuses more than twice MAX_IMAGE_PIXELS but only warns above it: refuse both, before decoding.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.load()
+                return image
+    except (FileNotFoundError, PermissionError) as error:
+        raise ImageError(f"cannot open it: {error.strerror}") from error
+    except UnidentifiedImageError as error:
+        raise ImageError("not a picture: the file is empty or of a kind Pillow cannot read") from error
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageError(f"refused: more than {Image.MAX_IMAGE_PIXELS:,} pixels, too large for a digit (a decompression bomb?)") from error
+    except Exception as error:  # Pillow reports damaged data as OSError, SyntaxError, ValueError, struct.error and more
+        raise ImageError(f"the picture is damaged or truncated ({type(error).__name__}: {error})") from error
 
 
 def to_mnist_style(image: Image.Image) -> torch.Tensor:

@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.tensorboard import SummaryWriter
 
 import figures
 from checkpoint import CheckpointError, latest_run, load_model
 from clip import CLIP
-from dataset import DATASETS, DataError, ImageError, Split, load_splits, to_mnist_style
+from dataset import DATASETS, DataError, ImageError, Split, load_splits, load_user_image
 from metrics import centred, evaluate_embeddings, mean_of_present, zero_shot_classification
 from utils import PRECISIONS, class_embeddings, embed_images, pick_device, resolve_precision
 
@@ -64,32 +62,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     except ValueError as error:
         p.error(str(error))
     return args
-
-
-def load_user_image(path: Path) -> torch.Tensor:
-    """An image file -> (28, 28) uint8 in MNIST's style; ImageError with the reason when impossible."""
-    return to_mnist_style(read_image_file(path))
-
-
-def read_image_file(path: Path) -> Image.Image:
-    """Decode an image file whole (an animation's first frame); ImageError with the reason when impossible."""
-    if path.is_dir():
-        raise ImageError("it is a folder, not an image file")
-    try:
-        with warnings.catch_warnings():
-            # Pillow refuses more than twice MAX_IMAGE_PIXELS but only warns above it: refuse both, before decoding.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()
-                return image
-    except (FileNotFoundError, PermissionError) as error:
-        raise ImageError(f"cannot open it: {error.strerror}") from error
-    except UnidentifiedImageError as error:
-        raise ImageError("not a picture: the file is empty or of a kind Pillow cannot read") from error
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageError(f"refused: more than {Image.MAX_IMAGE_PIXELS:,} pixels, too large for a digit (a decompression bomb?)") from error
-    except Exception as error:  # Pillow reports damaged data as OSError, SyntaxError, ValueError, struct.error and more
-        raise ImageError(f"the picture is damaged or truncated ({type(error).__name__}: {error})") from error
 
 
 def nearest_images(queries: torch.Tensor, gallery: torch.Tensor, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,10 +14,9 @@ from hypothesis import assume, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageDraw
 
-import inference
 from checkpoint import save_checkpoint
 from clip import CLIP, CLIPConfig
-from dataset import ImageError, to_mnist_style
+from dataset import ImageError, load_user_image, to_mnist_style
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,18 +133,18 @@ def picture_dir(tmp_path_factory) -> Path:
 def test_each_file_gives_a_digit_or_a_reason(name: str, picture_dir: Path):
     reason = CASES[name][1]
     if reason is None:
-        digit = inference.load_user_image(picture_dir / name)
+        digit = load_user_image(picture_dir / name)
         assert digit.shape == (28, 28) and digit.max() == 255 and digit[0].max() == 0
     else:
         with pytest.raises(ImageError, match=reason) as error:
-            inference.load_user_image(picture_dir / name)
+            load_user_image(picture_dir / name)
         assert "\n" not in str(error.value)
 
 
 def test_animated_gif_is_read_from_its_first_frame(picture_dir: Path):
     with Image.open(picture_dir / "animated.gif") as animation:
         first_frame = to_mnist_style(animation.convert("L"))
-    assert torch.equal(inference.load_user_image(picture_dir / "animated.gif"), first_frame)
+    assert torch.equal(load_user_image(picture_dir / "animated.gif"), first_frame)
 
 
 def test_pictures_above_pillows_warning_limit_are_refused_too(tmp_path: Path, monkeypatch):
@@ -154,7 +153,7 @@ def test_pictures_above_pillows_warning_limit_are_refused_too(tmp_path: Path, mo
     path = tmp_path / "large.png"
     draw_one(Image.new("L", (100, 150), 255), 0).save(path)  # 15,000 pixels
     with pytest.raises(ImageError, match="refused"):
-        inference.load_user_image(path)
+        load_user_image(path)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 import inference
 from checkpoint import load_model
-from dataset import to_mnist_style
+from dataset import load_user_image, to_mnist_style
 from utils import class_embeddings, embed_images
 
 FONT_DIR = Path(matplotlib.get_data_path()) / "fonts" / "ttf"  # matplotlib ships these, so they are always there
@@ -92,7 +92,7 @@ def test_every_kind_of_file_converts_like_the_plain_picture(name: str, tmp_path:
     make, options = FILE_KINDS[name]
     made = make(picture)
     made.save(tmp_path / name, exif=made.info.get("exif", b""), **options)
-    converted = inference.load_user_image(tmp_path / name).float()
+    converted = load_user_image(tmp_path / name).float()
     expected = to_mnist_style(picture).float()
     assert (converted - expected).abs().mean() < 2  # identical up to JPEG's artefacts
 
