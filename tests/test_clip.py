@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -91,3 +92,31 @@ def test_loss_with_repeated_labels_matches_a_hand_computed_value():
     assert clip_loss(logits.T, labels).item() == pytest.approx(
         (image_to_text + text_to_image) / 2, rel=1e-6
     )  # symmetric in its two directions
+
+
+def test_config_survives_the_json_round_trip_of_a_checkpoint():
+    # train.py saves config.to_dict() in the checkpoint and inference rebuilds the model with from_dict;
+    # JSON and torch.load hand image_widths back as a list, which must become the tuple again.
+    stored = json.loads(json.dumps(SMALL.to_dict()))
+    assert stored["image_widths"] == [8, 16]
+    assert CLIPConfig.from_dict(stored) == SMALL
+    # A field the checkpoint lacks takes its default, image_widths included.
+    assert CLIPConfig.from_dict({"embed_dim": 32}) == CLIPConfig(embed_dim=32)
+    with pytest.raises(ValueError, match=r"unknown model config fields \['colour', 'depth'\]"):
+        CLIPConfig.from_dict({"embed_dim": 32, "depth": 3, "colour": True})
+
+
+def test_unnormalised_embeddings_are_the_features_before_their_projection_onto_the_sphere():
+    model = CLIP(SMALL)
+    images, tokens = torch.randn(4, 1, 28, 28), model.class_tokens("cpu")
+    raw_images, raw_texts = model.encode_image(images, normalize=False), model.encode_text(tokens, normalize=False)
+    # The raw features are not unit vectors (so the flag matters), and normalising them gives the embeddings.
+    assert not torch.allclose(raw_images.norm(dim=1), torch.ones(4), atol=1e-3)
+    assert not torch.allclose(raw_texts.norm(dim=1), torch.ones(10), atol=1e-3)
+    assert torch.allclose(F.normalize(raw_images, dim=1), model.encode_image(images), atol=1e-6)
+    assert torch.allclose(F.normalize(raw_texts, dim=1), model.encode_text(tokens), atol=1e-6)
+
+
+def test_class_tokens_are_made_on_the_requested_device():
+    # The meta device stands in for a GPU on machines without one: tokens left on the CPU would fail there.
+    assert CLIP(SMALL).class_tokens("meta").device.type == "meta"
