@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import evaluation
 import inference
 from dataset import Split
 
@@ -40,7 +41,7 @@ def test_evaluate_reports_every_metric_of_a_hand_made_embedding_set(tmp_path: Pa
     labels = torch.arange(3).repeat_interleave(4)
     images, captions = F.one_hot(labels, 3).float(), torch.eye(3)
     split = Split(torch.randint(0, 256, (12, 28, 28), dtype=torch.uint8), labels)
-    inference.evaluate(inference.Gallery("test", split, images, captions), {"step": 10, "history": HISTORY}, tmp_path)
+    evaluation.evaluate(evaluation.Gallery("test", split, images, captions), {"step": 10, "history": HISTORY}, tmp_path)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
 
     # Each query's top 5: its 3 same-digit images, then the two first others (ties keep the split's

@@ -1,0 +1,140 @@
+"""--evaluate: every metric of a trained CLIP on a whole split, printed, saved as metrics.json
+and drawn as figures, which TensorBoard shows beside the training curves."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+import figures
+from dataset import Split
+from metrics import centred, evaluate_embeddings, mean_of_present
+
+TOP_K = 5  # neighbours shown for a query
+SIMILARITY_ROWS = 12  # images in the similarity matrix figure
+TSNE_POINTS = 2000  # t-SNE takes minutes on all 10,000 test images; a subsample shows the same clusters
+MISCLASSIFIED_SHOWN = 50
+
+
+@dataclass
+class Gallery:
+    """A split and its embeddings: what every mode classifies against and retrieves from."""
+
+    name: str  # "test" or "validation"
+    split: Split
+    image_features: torch.Tensor  # (N, D), unit norm
+    text_features: torch.Tensor  # (10, D), the digit captions
+
+
+def nearest_images(queries: torch.Tensor, gallery: torch.Tensor, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, TOP_K) indices of the gallery images most similar to each query, by cosine, and their
+    cosines; `exclude` holds each query's own gallery index, which is never its own neighbour."""
+    cosines = queries @ gallery.T
+    if exclude is not None:
+        cosines[torch.arange(len(queries)), exclude] = -float("inf")
+    top = cosines.topk(TOP_K)
+    return top.indices, top.values
+
+
+def print_metrics(metrics: dict, n_images: int) -> None:
+    zero_shot, text_to_image = metrics["zero_shot"], metrics["text_to_image"]
+    print(f"zero-shot classification: top-1 {zero_shot['top1_accuracy']:.2%}, top-2 {zero_shot['top2_accuracy']:.2%}")
+    per_digit = (f"{d}:{'absent' if a is None else f'{a:.2%}'}" for d, a in enumerate(zero_shot["per_digit_accuracy"]))
+    print("  accuracy per digit  " + "  ".join(per_digit))
+    print("  confusion matrix (rows: true digit, columns: predicted)")
+    for digit, row in enumerate(zero_shot["confusion_matrix"]):
+        print(f"    {digit}: " + " ".join(f"{count:5d}" for count in row))
+    image_to_image = metrics["image_to_image"]
+    retrieval = ", ".join(f"{name} {value:.2%}" for name, value in image_to_image.items() if name != "hubness")
+    print(f"image-to-image retrieval by cosine (each image queries the {n_images - 1:,} others): {retrieval}")
+    hubs = image_to_image["hubness"]
+    print(
+        f"  hubness of the top-{hubs['k']} lists: {hubs['coverage']:.1%} of the images are in at least one, "
+        f"k-occurrence skewness {hubs['skewness']:.2f}, the biggest hub is in {hubs['max_occurrence']}"
+    )
+    for name, ranking in (("text_to_image", "centred embeddings"), ("text_to_image_by_cosine", "plain cosine")):
+        at_k = ", ".join(f"{k} {value:.2%}" for k, value in metrics[name].items() if "@" in k)
+        print(f"text-to-image retrieval by {ranking} (mean over digits): {at_k}")
+    print(f"  mean rank of the first correct image {text_to_image['mean_first_correct_rank']:.2f}")
+    gap = metrics["modality_gap"]
+    print(
+        f"  modality gap: each caption lies {mean_of_present(gap['caption_to_centroid']):.3f} (cosine distance) from its digit's image centroid, "
+        f"its images {mean_of_present(gap['image_to_centroid']):.3f}; the images a caption retrieves are more typical than "
+        f"{100 - gap['mean_returned_percentile']:.0f}% of their digit ({100 - gap['mean_returned_percentile_by_cosine']:.0f}% by plain cosine)"
+    )
+    image_to_text, similarity = metrics["image_to_text"], metrics["similarity"]
+    print(f"image-to-text: recall@1 {image_to_text['recall@1']:.2%}, mean rank of the correct digit {image_to_text['mean_rank']:.3f}")
+    print(
+        f"cosine similarity: matching image-text pairs {similarity['matching']:+.3f}, "
+        f"non-matching {similarity['non_matching']:+.3f}, gap {similarity['gap']:.3f}"
+    )
+
+
+def evaluate(gallery: Gallery, state: dict, output_dir: Path) -> dict:
+    """Every metric on the whole split, printed and written to output_dir/metrics.json; the figures
+    as PNGs in output_dir/evaluation/ and, with the embedding projector, in TensorBoard. The
+    validation split's go to metrics_val.json and evaluation_val/, beside the test split's."""
+    split, image_features, text_features = gallery.split, gallery.image_features.cpu(), gallery.text_features.cpu()
+    labels = split.labels
+    metrics = evaluate_embeddings(image_features, text_features, labels)
+    print_metrics(metrics, len(split))
+    suffix = "" if gallery.name == "test" else "_val"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = output_dir / f"metrics{suffix}.json"
+    metrics_path.write_text(json.dumps({"split": gallery.name, "images": len(split), **metrics}, indent=2))
+
+    figure_dir, step = output_dir / f"evaluation{suffix}", state["step"]
+    writer = SummaryWriter(str(output_dir))  # beside the training logs, so TensorBoard shows them together
+
+    def save(figure, name: str) -> None:
+        figures.save(figure, figure_dir / f"{name}.png", writer, f"{figure_dir.name}/{name}", step)
+
+    similarities = image_features @ text_features.T
+    predictions = similarities.argmax(dim=1)
+    save(
+        figures.plot_similarity_matrix(split.images[:SIMILARITY_ROWS], labels[:SIMILARITY_ROWS], similarities[:SIMILARITY_ROWS]),
+        "similarity_matrix",
+    )
+
+    queries = torch.stack([(labels == digit).nonzero()[0, 0] for digit in labels.unique()])  # the first image of each digit
+    nearest, cosines = nearest_images(image_features[queries], image_features, exclude=queries)
+    query_titles = [f"query ({label})" for label in labels[queries].tolist()]
+    figure = figures.plot_retrieval(
+        list(split.images[queries]), split.images[nearest], labels[nearest], cosines, labels[queries].tolist(), query_titles
+    )
+    save(figure, "image_retrieval")
+
+    digits = list(range(len(text_features)))
+    for name, images, texts in (
+        ("text_retrieval", centred(image_features), centred(text_features)),
+        ("text_retrieval_by_cosine", image_features, text_features),
+    ):
+        top = (texts @ images.T).topk(TOP_K)
+        captions = [f'"{d}"' for d in digits]
+        save(
+            figures.plot_retrieval(captions, split.images[top.indices], labels[top.indices], top.values, digits, ["caption"] * len(digits)),
+            name,
+        )
+
+    sample = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:TSNE_POINTS]
+    save(figures.plot_tsne(image_features[sample], labels[sample], text_features), "tsne")
+    save(figures.plot_confusion_matrix(metrics["zero_shot"]["confusion_matrix"]), "confusion_matrix")
+    wrong = (predictions != labels).nonzero()[:MISCLASSIFIED_SHOWN, 0]
+    save(figures.plot_misclassified(split.images[wrong], labels[wrong], predictions[wrong]), "misclassified")
+    save(figures.plot_training_curves(state["history"]), "training_curves")
+
+    # The projector shows every embedding in 3-D (PCA, t-SNE or UMAP), each point drawn as its digit.
+    writer.add_embedding(
+        image_features,
+        metadata=labels.tolist(),
+        label_img=split.images[:, None].float() / 255,
+        global_step=step,
+        tag=f"{gallery.name}_images",
+    )
+    writer.close()
+    print(f"metrics in {metrics_path}, figures in {figure_dir}/, embeddings in TensorBoard: tensorboard --logdir {output_dir}")
+    return metrics
