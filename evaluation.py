@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.tensorboard import SummaryWriter
 
 import figures
 from dataset import Split
@@ -86,6 +85,8 @@ def evaluate(gallery: Gallery, state: dict, output_dir: Path) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = output_dir / f"metrics{suffix}.json"
     metrics_path.write_text(json.dumps({"split": gallery.name, "images": len(split), **metrics}, indent=2))
+
+    from torch.utils.tensorboard import SummaryWriter  # imported here: TensorBoard takes seconds to import, and only --evaluate needs it
 
     figure_dir, step = output_dir / f"evaluation{suffix}", state["step"]
     writer = SummaryWriter(str(output_dir))  # beside the training logs, so TensorBoard shows them together

@@ -17,8 +17,6 @@ import numpy as np
 import torch
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
-from sklearn.manifold import TSNE
-from threadpoolctl import threadpool_limits
 
 DPI = 90  # small PNGs that still read well
 
@@ -93,6 +91,10 @@ def plot_tsne(image_features: torch.Tensor, labels: torch.Tensor, text_features:
     """A 2-D t-SNE map of image embeddings, coloured by digit, with the caption embeddings
     mapped alongside as numbered stars. t-SNE keeps neighbourhoods, not distances: tight,
     separate clusters are the point, their sizes and the gaps between them mean little."""
+    # Imported here: scikit-learn takes seconds to import, and only --evaluate draws a t-SNE.
+    from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
+
     points = torch.cat([image_features, text_features]).cpu().numpy()
     perplexity = min(30.0, (len(points) - 1) / 3)  # t-SNE needs more points than 3x the perplexity
     tsne = TSNE(n_components=2, metric="cosine", init="pca", perplexity=perplexity, random_state=seed)
