@@ -162,6 +162,7 @@ def evaluate(model: nn.Module, test, precision: str) -> dict:
 
 
 def run_project(setting: str, seed: int, data_dir: str, runs_dir: Path, test, precision: str) -> dict:
+    """Train the project's recipe `setting` in `precision` (fp32 or bf16, as resolved for this machine) and measure it."""
     argv = [*SETTINGS[setting], "--seed", str(seed), "--data-dir", data_dir, "--runs-dir", str(runs_dir), "--run-name", f"{setting}-{seed}"]
     argv += ["--precision", precision]
     result = train.main(argv)
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as runs_dir:
         for setting in SETTINGS:
             results[setting] = [
-                run_project(setting, seed, args.data_dir, Path(runs_dir), test, args.precision) for seed in range(args.runs)
+                run_project(setting, seed, args.data_dir, Path(runs_dir), test, precision) for seed in range(args.runs)
             ]
     budget = statistics.median(run["train_seconds"] for run in results["default"])
 
