@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) 
     """The command line's settings; `run_defaults` (a resumed run's) replace the built-in defaults."""
     defaults = CLIPConfig()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--epochs", type=positive_int, default=16, help="passes over the training split")
+    p.add_argument("--epochs", type=positive_int, default=14, help="passes over the training split")
     p.add_argument(
         "--batch-size", type=positive_int, default=None, help="image-text pairs per step (default: 512 for mnist, 128 for digits)"
     )
