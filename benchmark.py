@@ -291,9 +291,7 @@ def main(argv: list[str] | None = None) -> dict:
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as runs_dir:
         for setting in SETTINGS:
-            results[setting] = [
-                run_project(setting, seed, args.data_dir, Path(runs_dir), test, precision) for seed in range(args.runs)
-            ]
+            results[setting] = [run_project(setting, seed, args.data_dir, Path(runs_dir), test, precision) for seed in range(args.runs)]
     budget = statistics.median(run["train_seconds"] for run in results["default"])
 
     device_splits = Splits(splits.train.to(device), splits.val.to(device), test)
