@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from checkpoint import CheckpointError, RunState, load_checkpoint, load_model, save_checkpoint
 from clip import CLIP, CLIPConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,6 +83,42 @@ def test_a_bad_checkpoint_gives_one_line_naming_the_file(kind: str, tmp_path: Pa
 def test_a_missing_checkpoint_is_named(tmp_path: Path):
     with pytest.raises(CheckpointError, match=f"no checkpoint at {tmp_path / 'none.pt'}: check the path"):
         load_checkpoint(tmp_path / "none.pt")
+
+
+def inference_checkpoint() -> dict:
+    """What inference reads from a checkpoint: the model, its config, and the step and history --evaluate reports."""
+    keys = {"model": CLIP(SMALL).state_dict(), "config": SMALL.to_dict(), "args": {}, "step": 10, "history": []}
+    keys |= {"epoch": 1, "best_accuracy": 0.5}
+    assert set(keys) == set(RunState.keys(resuming=False))
+    return keys
+
+
+# name -> how a checkpoint that loads as a dict still cannot give a model, and what the error says
+UNUSABLE_FOR_INFERENCE = {
+    "without step": (lambda state: state.pop("step"), "it lacks step"),
+    "a config with a field of the wrong type": (lambda state: state["config"].update(image_widths=8), "cannot be rebuilt"),
+    "a config with an unknown field": (lambda state: state["config"].update(depth=3), "cannot be rebuilt"),
+    "a weight of the wrong shape": (lambda state: state["model"].update(logit_scale=torch.ones(3)), "cannot be rebuilt"),
+    "a missing weight": (lambda state: state["model"].pop("logit_scale"), "cannot be rebuilt"),
+}
+
+
+def test_a_valid_inference_checkpoint_gives_a_model_in_eval_mode(tmp_path: Path):
+    save_checkpoint(inference_checkpoint(), tmp_path / "best.pt")
+    model, state = load_model(tmp_path / "best.pt")
+    assert isinstance(model, CLIP) and not model.training and state["step"] == 10
+
+
+@pytest.mark.parametrize("kind", UNUSABLE_FOR_INFERENCE)
+def test_a_checkpoint_that_cannot_give_a_model_is_named_in_one_line(kind: str, tmp_path: Path):
+    damage, reason = UNUSABLE_FOR_INFERENCE[kind]
+    state = inference_checkpoint()
+    damage(state)
+    path = tmp_path / "best.pt"
+    save_checkpoint(state, path)
+    with pytest.raises(CheckpointError, match=reason) as error:
+        load_model(path)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
 @settings(max_examples=150, deadline=None)  # no deadline: the shared CPU's speed varies

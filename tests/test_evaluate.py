@@ -107,6 +107,27 @@ def test_evaluate_reports_every_metric_of_a_hand_made_embedding_set(tmp_path: Pa
         assert phrase in printed, phrase
 
 
+def test_the_image_retrieval_figure_never_shows_a_query_as_its_own_neighbour(tmp_path: Path, monkeypatch):
+    drawn = {}
+    plot_retrieval = evaluation.figures.plot_retrieval
+
+    def recording(queries, images, *args):
+        drawn.setdefault("image_retrieval", (queries, images))  # the first retrieval figure drawn is image to image
+        return plot_retrieval(queries, images, *args)
+
+    monkeypatch.setattr(evaluation.figures, "plot_retrieval", recording)
+    labels = torch.arange(3).repeat_interleave(4)
+    split = Split(torch.randint(0, 256, (12, 28, 28), dtype=torch.uint8), labels)  # twelve different pictures
+    # Each digit's four images share one embedding, so a query ties with itself unless it is left out.
+    evaluation.evaluate(
+        evaluation.Gallery("test", split, F.one_hot(labels, 3).float(), torch.eye(3)), {"step": 10, "history": HISTORY}, tmp_path
+    )
+    queries, neighbours = drawn["image_retrieval"]
+    assert len(queries) == 3
+    for query, row in zip(queries, neighbours, strict=True):
+        assert not any(torch.equal(query, image) for image in row)
+
+
 def test_evaluate_on_a_trained_model_writes_its_metrics_figures_and_projector(digits_checkpoint: Path, tmp_path: Path):
     out = inference.main(["--checkpoint", str(digits_checkpoint), "--dataset", "digits", "--evaluate", "--output-dir", str(tmp_path)])
     metrics = json.loads((tmp_path / "metrics.json").read_text())

@@ -100,8 +100,9 @@ def test_the_validation_split_does_not_change_with_the_training_seed():
     assert not set(map(bytes, first.val.images.numpy())) & set(map(bytes, first.train.images.numpy()))  # held out from training
 
 
+# -0.0001, not -1e-4, which argparse takes for a flag and refuses before the range is checked
 @pytest.mark.parametrize(
-    "flag, value", [("--ema-decay", "1"), ("--ema-decay", "-0.1"), ("--ema-decay", "1.5"), ("--weight-decay", "-1e-4")]
+    "flag, value", [("--ema-decay", "1"), ("--ema-decay", "-0.1"), ("--ema-decay", "1.5"), ("--weight-decay", "-0.0001")]
 )
 def test_decays_outside_their_range_are_refused_with_usage(flag: str, value: str, capsys):
     with pytest.raises(SystemExit) as exit_info:
