@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import train
-from checkpoint import load_model
+from checkpoint import load_checkpoint, load_model
 from clip import clip_loss
 from dataset import Splits, load_splits, normalize
 from metrics import image_retrieval
@@ -167,14 +167,12 @@ def run_project(setting: str, seed: int, data_dir: str, runs_dir: Path, test, pr
     argv += ["--precision", precision]
     result = train.main(argv)
     model, state = load_model(result["run_dir"] / "best.pt", test.images.device)
-    history = state["history"]
-    steps_per_epoch = history[0]["step"]
-    batch_size = int(state["args"]["batch_size"])
+    trained_steps = load_checkpoint(result["run_dir"] / "last.pt")["step"]  # best.pt's history stops at the best epoch
     return {
         "seed": seed,
         "train_seconds": result["train_seconds"],
-        "curve": [{"seconds": h["seconds"], "val_accuracy": h["val_accuracy"]} for h in history],
-        "train_images_per_second": len(history) * steps_per_epoch * batch_size / result["train_seconds"],
+        "curve": [{"seconds": h["seconds"], "val_accuracy": h["val_accuracy"]} for h in state["history"]],
+        "train_images_per_second": trained_steps * int(state["args"]["batch_size"]) / result["train_seconds"],
         "encode_test_seconds": encode_seconds(model, test.images, precision),
         **evaluate(model, test, precision),
     }
