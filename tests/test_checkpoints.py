@@ -87,10 +87,17 @@ def test_a_missing_checkpoint_is_named(tmp_path: Path):
 
 def inference_checkpoint() -> dict:
     """What inference reads from a checkpoint: the model, its config, and the step and history --evaluate reports."""
-    keys = {"model": CLIP(SMALL).state_dict(), "config": SMALL.to_dict(), "args": {}, "step": 10, "history": []}
-    keys |= {"epoch": 1, "best_accuracy": 0.5}
-    assert set(keys) == set(RunState.keys(resuming=False))
-    return keys
+    state = {
+        "model": CLIP(SMALL).state_dict(),
+        "config": SMALL.to_dict(),
+        "args": {},
+        "step": 10,
+        "history": [],
+        "epoch": 1,
+        "best_accuracy": 0.5,
+    }
+    assert set(state) == set(RunState.keys(resuming=False))
+    return state
 
 
 # name -> how a checkpoint that loads as a dict still cannot give a model, and what the error says
