@@ -35,7 +35,6 @@ from checkpoint import load_checkpoint, load_model
 from clip import clip_loss
 from dataset import Splits, load_splits, normalize
 from metrics import image_retrieval
-from text_encoder import DIGIT_CAPTIONS, DigitTextEncoder
 from utils import PRECISIONS, embed_images, pick_device, positive_int, resolve_precision, zero_shot_accuracy
 
 LEVELS = (0.98, 0.99, 0.995)
@@ -92,8 +91,9 @@ class ReferenceCLIP(nn.Module):
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(tokens).float()
 
-    def class_tokens(self, device: torch.device | str) -> torch.Tensor:
-        return DigitTextEncoder.tokenize(DIGIT_CAPTIONS).to(device)
+    def encode_classes(self) -> torch.Tensor:
+        """Its ten captions' embeddings, as clip.CLIP.encode_classes gives them (but not normalised, as its logits use them)."""
+        return self.encode_text(torch.arange(10, device=self.text_encoder[0].weight.device))
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.encode_image(images) @ self.encode_text(tokens).T
@@ -110,8 +110,7 @@ def train_reference(splits: Splits, device: torch.device, seconds: float, seed: 
     counts = torch.tensor([len(indices) for indices in by_digit], device=device)
     starts = torch.cumsum(counts, 0) - counts
     flat = torch.cat(by_digit)
-    digits = torch.arange(10, device=device)
-    tokens = model.class_tokens(device)
+    tokens, distinct = torch.arange(10, device=device), torch.eye(10, dtype=torch.bool, device=device)
     generator = torch.Generator(device).manual_seed(seed)
 
     curve, trained, steps = [], 0.0, 0
@@ -120,7 +119,7 @@ def train_reference(splits: Splits, device: torch.device, seconds: float, seed: 
         start = time.perf_counter()
         while time.perf_counter() - start < min(eval_every, seconds - trained):
             pick = flat[starts + (torch.rand(10, device=device, generator=generator) * counts).long()]
-            loss = clip_loss(model(normalize(images[pick]), tokens), digits)  # distinct digits: CLIP's own loss
+            loss = clip_loss(model(normalize(images[pick]), tokens), distinct)  # distinct digits: CLIP's own loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -68,14 +68,18 @@ class RunState:
 
 class RandomState:
     """The random generators a run draws from, saved as uint8 tensors, which `weights_only` loading
-    accepts. Only the augmentation draws while training today; saving torch's global generators
-    too keeps resuming exact if something (dropout, say) starts to."""
+    accepts: one for augmentation and one for the captions, so that the images a run sees do not
+    depend on its captions. Saving torch's global generators too keeps resuming exact if
+    something (dropout, say) starts to draw from them."""
 
-    def __init__(self, augment: torch.Generator, device: torch.device):
-        self.augment, self.device = augment, device
+    def __init__(self, device: torch.device, seed: int):
+        self.device = device
+        self.augment = torch.Generator(device).manual_seed(seed)
+        self.captions = torch.Generator(device).manual_seed(seed + 1)
 
     def state_dict(self) -> dict:
-        states = {"device": self.device.type, "augment": self.augment.get_state(), "torch": torch.get_rng_state()}
+        states = {"device": self.device.type, "augment": self.augment.get_state(), "captions": self.captions.get_state()}
+        states["torch"] = torch.get_rng_state()
         if self.device.type == "cuda":
             states["cuda"] = torch.cuda.get_rng_state(self.device)
         return states
@@ -86,7 +90,10 @@ class RandomState:
                 f"note: the run was trained on {states['device']}; on {self.device.type} its data order and augmentation continue differently"
             )
             return
-        self.augment.set_state(states["augment"].cpu())  # loading moved the states onto the device
+        # Loading moved the states onto the device; a generator wants its state on the CPU.
+        self.augment.set_state(states["augment"].cpu())
+        if "captions" in states:  # runs saved before captions were drawn have none
+            self.captions.set_state(states["captions"].cpu())
         torch.set_rng_state(states["torch"].cpu())
         if "cuda" in states:
             torch.cuda.set_rng_state(states["cuda"].cpu(), self.device)

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from image_encoder import ImageEncoder
-from text_encoder import DIGIT_CAPTIONS, DigitTextEncoder
+from text_encoder import DIGIT_CAPTIONS, TEXT_ENCODERS, CharTokenizer, DigitTextEncoder, LSTMTextEncoder, TransformerTextEncoder
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap: cosines are never scaled by more than 100
 
@@ -26,8 +26,15 @@ MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap: cosines are never scaled by mor
 class CLIPConfig:
     image_widths: tuple[int, ...] = (16, 32, 64, 128)
     image_blocks_per_stage: int = 1
+    text_encoder: str = "digit"  # one of text_encoder.TEXT_ENCODERS
     text_hidden_dim: int = 64
+    text_layers: int = 2  # transformer blocks, or LSTM layers
+    text_heads: int = 4
+    text_characters: str = ""  # the tokenizer's vocabulary: every character of the training captions
+    text_max_length: int = 64  # characters read of a caption
     embed_dim: int = 64
+    # Each digit's captions, whose embeddings are averaged to classify (prompt ensembling).
+    class_captions: tuple[tuple[str, ...], ...] = tuple((caption,) for caption in DIGIT_CAPTIONS)
 
     @classmethod
     def from_dict(cls, values: dict) -> CLIPConfig:
@@ -37,6 +44,9 @@ class CLIPConfig:
             raise ValueError(f"unknown model config fields {unknown}")
         values = dict(values)
         values["image_widths"] = tuple(values.get("image_widths", cls.image_widths))
+        values["class_captions"] = tuple(map(tuple, values.get("class_captions", cls.class_captions)))
+        if values.get("text_encoder", cls.text_encoder) not in TEXT_ENCODERS:
+            raise ValueError(f"unknown text encoder {values['text_encoder']!r}")
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -48,8 +58,23 @@ class CLIP(nn.Module):
         super().__init__()
         self.config = config
         self.image_encoder = ImageEncoder(config.image_widths, config.image_blocks_per_stage, config.embed_dim)
-        self.text_encoder = DigitTextEncoder(config.text_hidden_dim, config.embed_dim)
+        self.tokenizer = CharTokenizer(config.text_characters, config.text_max_length)
+        if config.text_encoder == "digit":
+            self.text_encoder = DigitTextEncoder(config.text_hidden_dim, config.embed_dim)
+        elif config.text_encoder == "transformer":
+            size = self.tokenizer.vocabulary_size
+            self.text_encoder = TransformerTextEncoder(
+                size, config.text_max_length, config.text_hidden_dim, config.text_layers, config.text_heads, config.embed_dim
+            )
+        else:
+            self.text_encoder = LSTMTextEncoder(
+                self.tokenizer.vocabulary_size, config.text_hidden_dim, config.text_layers, config.embed_dim
+            )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def tokenize(self, captions: list[str] | tuple[str, ...]) -> torch.Tensor:
+        """Captions -> the token tensor their text encoder reads; text_encoder.TextError when it cannot."""
+        return self.text_encoder.tokenize(captions) if self.config.text_encoder == "digit" else self.tokenizer(captions)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         features = self.image_encoder(images).float()  # the cosines and the loss stay in fp32
@@ -59,9 +84,14 @@ class CLIP(nn.Module):
         features = self.text_encoder(tokens).float()
         return F.normalize(features, dim=-1) if normalize else features
 
-    def class_tokens(self, device: torch.device | str) -> torch.Tensor:
-        """Tokens of the ten digit captions, in digit order."""
-        return self.text_encoder.tokenize(DIGIT_CAPTIONS).to(device)
+    def encode_classes(self, class_captions: tuple[tuple[str, ...], ...] | None = None) -> torch.Tensor:
+        """(C, embed_dim) unit-norm: each class's captions (by default those it was trained to
+        classify with) embedded, averaged and normalised again: CLIP's prompt ensembling."""
+        class_captions = class_captions or self.config.class_captions
+        captions = [caption for captions_of_class in class_captions for caption in captions_of_class]
+        features = self.encode_text(self.tokenize(captions).to(self.logit_scale.device))
+        per_class = features.split([len(captions_of_class) for captions_of_class in class_captions])
+        return F.normalize(torch.stack([class_features.mean(dim=0) for class_features in per_class]), dim=-1)
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """(N_images, N_texts) similarity logits of every image with every text, in fp32 under
@@ -77,16 +107,18 @@ class CLIP(nn.Module):
         self.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
 
-def clip_loss(logits_per_image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over a batch whose i-th image and i-th text share labels[i].
+def clip_loss(logits_per_image: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over B images and B captions; positives[i, j] says whether caption j
+    describes image i.
 
-    MNIST has ten classes, so a batch holds many pairs of the same digit. Plain
-    CLIP targets (the diagonal) would push an image away from every other
-    caption of its own digit; instead every image-text pair with the same label
-    is a positive, each image's target spread evenly over its positives. With
-    distinct labels the target is the diagonal and this is CLIP's loss exactly.
+    MNIST has ten classes, so a batch holds many images of the same digit. Plain CLIP
+    targets (the diagonal) would push an image away from every other caption of its own
+    digit; instead every pair in which the caption describes the image is a positive: an
+    image's target is spread evenly over the captions that describe it, and a caption's
+    over the images it describes. Where each caption describes its own image alone, the
+    target is the diagonal and this is CLIP's loss exactly.
     """
-    positives = (labels[:, None] == labels[None, :]).float()  # (B, B), symmetric
-    targets = positives / positives.sum(dim=1, keepdim=True)
-    logits = logits_per_image.float()
-    return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+    positives, logits = positives.float(), logits_per_image.float()
+    image_to_text = F.cross_entropy(logits, positives / positives.sum(dim=1, keepdim=True))
+    text_to_image = F.cross_entropy(logits.T, positives.T / positives.T.sum(dim=1, keepdim=True))
+    return (image_to_text + text_to_image) / 2

@@ -13,6 +13,7 @@ import math
 import struct
 import urllib.error
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,17 +196,10 @@ def random_affine(
     return moved[:, 0].round().clamp(0, 255).to(torch.uint8)
 
 
-def batches(split: Split, batch_size: int, generator: torch.Generator | None = None):
-    """Yield (images, labels) batches; shuffled and only full batches when a generator is given."""
-    n = len(split)
-    if generator is None:
-        for start in range(0, n, batch_size):
-            yield split.images[start : start + batch_size], split.labels[start : start + batch_size]
-        return
-    order = torch.randperm(n, device=split.images.device, generator=generator)
-    for start in range(0, n - batch_size + 1, batch_size):
-        idx = order[start : start + batch_size]
-        yield split.images[idx], split.labels[idx]
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """The indices of each full batch of a random order of n items, on the generator's device."""
+    order = torch.randperm(n, device=generator.device, generator=generator)
+    return (order[start : start + batch_size] for start in range(0, n - batch_size + 1, batch_size))
 
 
 def load_user_image(path: Path) -> torch.Tensor:

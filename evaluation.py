@@ -4,14 +4,15 @@ and drawn as figures, which TensorBoard shows beside the training curves."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 import figures
+from captions import ATTRIBUTE_WORDS
 from dataset import Split
-from metrics import centred, evaluate_embeddings, mean_of_present
+from metrics import caption_retrieval, centred, evaluate_embeddings, mean_of_present, zero_shot_classification
 
 TOP_K = 5  # neighbours shown for a query
 SIMILARITY_ROWS = 12  # images in the similarity matrix figure
@@ -20,13 +21,69 @@ MISCLASSIFIED_SHOWN = 50
 
 
 @dataclass
+class CaptionQueries:
+    """Captions to retrieve the split's images with, and which images each describes."""
+
+    texts: list[str]
+    features: torch.Tensor  # (K, D), unit norm
+    relevant: torch.Tensor  # (K, N) bool
+    held_out: torch.Tensor  # (K,) bool: the caption states a combination that no training caption did
+    languages: list[str]
+    properties: torch.Tensor  # (N, 4): each image's digit and the bins of its attributes
+
+
+@dataclass
 class Gallery:
-    """A split and its embeddings: what every mode classifies against and retrieves from."""
+    """A split and its embeddings: what every mode classifies against and retrieves from. A model
+    that reads sentences has more to measure: each set of templates it can classify with, a few
+    free-text prompts, and for one trained on attribute captions, captions that state them."""
 
     name: str  # "test" or "validation"
     split: Split
     image_features: torch.Tensor  # (N, D), unit norm
     text_features: torch.Tensor  # (10, D), the digit captions
+    template_sets: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (10, D), each digit's captions averaged
+    prompts: dict[str, torch.Tensor] = field(default_factory=dict)  # free text -> (D,)
+    attribute_queries: CaptionQueries | None = None
+
+
+def evaluate_captions(gallery: Gallery) -> dict:
+    """What a model that reads sentences adds to metrics.json: zero-shot accuracy with each set of
+    templates, and attribute retrieval for seen and held-out combinations, beside its chance level."""
+    labels, image_features = gallery.split.labels, gallery.image_features.cpu()
+    results = {}
+    if gallery.template_sets:
+        results["zero_shot_by_templates"] = {
+            name: zero_shot_classification(image_features, features.cpu(), labels)["top1_accuracy"]
+            for name, features in gallery.template_sets.items()
+        }
+    queries = gallery.attribute_queries
+    if queries is not None:
+        retrieval = caption_retrieval(image_features, queries.features.cpu(), queries.relevant.cpu())
+        groups = {"seen": ~queries.held_out, "held-out": queries.held_out}
+        groups |= {
+            f"{kind}, {language}": mask & torch.tensor([lang == language for lang in queries.languages])
+            for kind, mask in list(groups.items())
+            for language in sorted(set(queries.languages))
+        }
+        results["attribute_retrieval"] = {
+            name: {
+                "captions": int(mask.sum()),
+                "precision@10": torch.tensor(retrieval["precision@10"])[mask].mean().item(),
+                "chance": torch.tensor(retrieval["chance"])[mask].mean().item(),
+            }
+            for name, mask in groups.items()
+        }
+    return results
+
+
+def print_captions(results: dict) -> None:
+    for name, accuracy in results.get("zero_shot_by_templates", {}).items():
+        print(f"  zero-shot with the {name}: {accuracy:.2%}")
+    for name, group in results.get("attribute_retrieval", {}).items():
+        print(
+            f"attribute retrieval, {name} (digit, attribute) combinations: precision@10 {group['precision@10']:.2%} (chance {group['chance']:.2%}; {group['captions']} captions)"
+        )
 
 
 def nearest_images(queries: torch.Tensor, gallery: torch.Tensor, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,8 +136,9 @@ def evaluate(gallery: Gallery, state: dict, output_dir: Path) -> dict:
     validation split's go to metrics_val.json and evaluation_val/, beside the test split's."""
     split, image_features, text_features = gallery.split, gallery.image_features.cpu(), gallery.text_features.cpu()
     labels = split.labels
-    metrics = evaluate_embeddings(image_features, text_features, labels)
+    metrics = evaluate_embeddings(image_features, text_features, labels) | evaluate_captions(gallery)
     print_metrics(metrics, len(split))
+    print_captions(metrics)
     suffix = "" if gallery.name == "test" else "_val"
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = output_dir / f"metrics{suffix}.json"
@@ -100,6 +158,17 @@ def evaluate(gallery: Gallery, state: dict, output_dir: Path) -> dict:
         figures.plot_similarity_matrix(split.images[:SIMILARITY_ROWS], labels[:SIMILARITY_ROWS], similarities[:SIMILARITY_ROWS]),
         "similarity_matrix",
     )
+
+    if gallery.prompts:
+        prompt_features = torch.stack(list(gallery.prompts.values())).cpu()
+        rows = slice(0, SIMILARITY_ROWS)
+        figure = figures.plot_similarity_matrix(
+            split.images[rows], labels[rows], image_features[rows] @ prompt_features.T, list(gallery.prompts)
+        )
+        save(figure, "prompt_similarity")
+    if gallery.attribute_queries is not None:
+        words = ATTRIBUTE_WORDS["en"]
+        save(figures.plot_attribute_bins(split.images, gallery.attribute_queries.properties.cpu(), words), "attribute_bins")
 
     queries = torch.stack([(labels == digit).nonzero()[0, 0] for digit in labels.unique()])  # the first image of each digit
     nearest, cosines = nearest_images(image_features[queries], image_features, exclude=queries)

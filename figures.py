@@ -7,6 +7,8 @@ are (28, 28) uint8 images, white on black as in MNIST; wrong digits are red.
 
 from __future__ import annotations
 
+import textwrap
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -15,10 +17,18 @@ matplotlib.use("Agg")  # figures are saved, never shown: works without a display
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib import font_manager
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 DPI = 90  # small PNGs that still read well
+# Chinese captions need a font with its glyphs: matplotlib takes each glyph from the first font of
+# the list that has it. Without any of these, Chinese shows as empty boxes (Debian: apt install fonts-noto-cjk).
+CJK_FONTS = ("Noto Sans CJK SC", "Source Han Sans SC", "Microsoft YaHei", "SimHei", "PingFang SC", "WenQuanYi Zen Hei")
+_installed = {font.name for font in font_manager.fontManager.ttflist}
+plt.rcParams["font.family"] = ["DejaVu Sans", *(font for font in CJK_FONTS if font in _installed)]
+if not _installed & set(CJK_FONTS):
+    warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
 
 
 def show_digit(axis, image: torch.Tensor, title: str, color: str = "black") -> None:
@@ -53,7 +63,7 @@ def plot_retrieval(
     figure, axes = plt.subplots(n_rows, k + 1, figsize=(1.25 * (k + 1), 1.4 * n_rows), squeeze=False)
     for row, (query, title, target) in enumerate(zip(queries, query_titles, expected, strict=True)):
         if isinstance(query, str):
-            axes[row, 0].text(0.5, 0.5, query, ha="center", va="center", fontsize=12)
+            axes[row, 0].text(0.5, 0.5, textwrap.fill(query, 16), ha="center", va="center", fontsize=12 if len(query) < 8 else 8)
             axes[row, 0].set_title(title, fontsize=9)
             axes[row, 0].axis("off")
         else:
@@ -64,25 +74,33 @@ def plot_retrieval(
     return figure
 
 
-def plot_similarity_matrix(images: torch.Tensor, labels: torch.Tensor, similarities: torch.Tensor) -> Figure:
-    """Cosine similarity of a batch of images (rows, drawn at the left) with the ten digit
-    captions (columns); each row is named by its true and predicted digit."""
+def plot_similarity_matrix(
+    images: torch.Tensor, labels: torch.Tensor, similarities: torch.Tensor, prompts: list[str] | None = None
+) -> Figure:
+    """Cosine similarity of a batch of images (rows, drawn at the left) with the ten digit captions
+    (columns), each row named by its true and predicted digit; or, given `prompts`, with those
+    free-text captions, each row named by its digit."""
     n = len(images)
     predictions = similarities.argmax(dim=1).tolist()
-    figure, (image_axis, heat_axis) = plt.subplots(1, 2, figsize=(7.5, 0.42 * n + 1), width_ratios=(1, 10), sharey=True)
+    wide = prompts is not None
+    figure, (image_axis, heat_axis) = plt.subplots(
+        1, 2, figsize=(9.5 if wide else 7.5, 0.42 * n + (2.2 if wide else 1)), width_ratios=(1, 10), sharey=True
+    )
     # The images stacked into one column, each filling the height of its heatmap row.
     image_axis.imshow(images.reshape(-1, images.shape[-1]).cpu().numpy(), cmap="gray", extent=(0, 1, n - 0.5, -0.5), aspect="auto")
     image_axis.set_xticks([])
-    image_axis.set_yticks(range(n), [f"true {t}, pred {p}" for t, p in zip(labels.tolist(), predictions, strict=True)], fontsize=8)
+    names = [f"a {t}" if wide else f"true {t}, pred {p}" for t, p in zip(labels.tolist(), predictions, strict=True)]
+    image_axis.set_yticks(range(n), names, fontsize=8)
     for tick, true, predicted in zip(image_axis.get_yticklabels(), labels.tolist(), predictions, strict=True):
-        tick.set_color("black" if true == predicted else "red")
+        tick.set_color("black" if wide or true == predicted else "red")
     heat = heat_axis.imshow(similarities.cpu().numpy(), cmap="viridis", aspect="auto")
     for row, col in np.ndindex(*similarities.shape):
         value = similarities[row, col].item()
         heat_axis.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=6, color="black" if value > 0.5 else "white")
-    heat_axis.set_xticks(range(similarities.shape[1]), [f'"{d}"' for d in range(similarities.shape[1])])
+    columns = prompts if wide else [f'"{d}"' for d in range(similarities.shape[1])]
+    heat_axis.set_xticks(range(similarities.shape[1]), columns, rotation=35 if wide else 0, ha="left" if wide else "center", fontsize=8)
     heat_axis.xaxis.tick_top()
-    heat_axis.set_title("cosine similarity of test images with the digit captions", fontsize=10)
+    heat_axis.set_title(f"cosine similarity of test images with {'free-text prompts' if wide else 'the digit captions'}", fontsize=10)
     figure.colorbar(heat, ax=heat_axis, fraction=0.04)
     return figure
 
@@ -168,18 +186,40 @@ def plot_training_curves(history: list[dict]) -> Figure:
     return figure
 
 
-def plot_predictions(names: list[str], images: torch.Tensor, probabilities: torch.Tensor) -> Figure:
-    """For each user picture: the 28x28 image the model saw, beside its probability for each digit."""
-    figure, axes = plt.subplots(len(names), 2, figsize=(6, 1.7 * len(names)), width_ratios=(1, 3), squeeze=False)
+def plot_predictions(names: list[str], images: torch.Tensor, probabilities: torch.Tensor, classes: list[str]) -> Figure:
+    """For each user picture: the 28x28 image the model saw, beside its probability for each class."""
+    figure, axes = plt.subplots(
+        len(names), 2, figsize=(max(6, 1 + 0.55 * len(classes)), 1.7 * len(names)), width_ratios=(1, 3), squeeze=False
+    )
     for (image_axis, bar_axis), name, image, p in zip(axes, names, images, probabilities, strict=True):
         top2 = p.topk(2)
         predicted, runner_up = top2.indices.tolist()
         show_digit(image_axis, image, name)
-        # A log scale: a confident model puts ~0.999 on one digit, and the runner-ups are what is worth seeing.
-        bar_axis.bar(range(10), p.tolist(), color=["tab:blue" if d == predicted else "tab:gray" for d in range(10)], log=True)
-        bar_axis.set_xticks(range(10))
+        # A log scale: a confident model puts ~0.999 on one class, and the runner-ups are what is worth seeing.
+        bar_axis.bar(
+            range(len(classes)), p.tolist(), color=["tab:blue" if c == predicted else "tab:gray" for c in range(len(classes))], log=True
+        )
+        bar_axis.set_xticks(range(len(classes)), classes, fontsize=8)
         bar_axis.set_ylim(1e-4, 1)
         bar_axis.set_ylabel("probability", fontsize=8)
-        bar_axis.set_title(f"predicted {predicted} (p={top2.values[0]:.3f}), runner-up {runner_up} (p={top2.values[1]:.3f})", fontsize=9)
+        title = f"predicted {classes[predicted]} (p={top2.values[0]:.3f}), runner-up {classes[runner_up]} (p={top2.values[1]:.3f})"
+        bar_axis.set_title(title, fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def plot_attribute_bins(images: torch.Tensor, properties: torch.Tensor, words: dict[str, tuple[str, ...]], per_bin: int = 8) -> Figure:
+    """For each attribute (a row per bin) the first `per_bin` images of that bin: do the words the
+    captions use for the bins fit what they show? properties: (N, 4), the digit and three attributes' bins."""
+    rows = [(attribute, b) for attribute in words for b in range(len(words[attribute]))]
+    figure, axes = plt.subplots(len(rows), per_bin, figsize=(0.9 * per_bin, 0.95 * len(rows)), squeeze=False)
+    for row, (attribute, b) in enumerate(rows):
+        column = 1 + list(words).index(attribute)
+        chosen = (properties[:, column] == b).nonzero()[:per_bin, 0]
+        for axis in axes[row]:
+            axis.axis("off")
+        for axis, index in zip(axes[row], chosen.tolist(), strict=False):
+            show_digit(axis, images[index], "")
+        axes[row, 0].set_title(f"{attribute}: {words[attribute][b]}", fontsize=9, loc="left")
     figure.tight_layout()
     return figure

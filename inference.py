@@ -2,6 +2,8 @@
 
 python inference.py                      # newest run's best.pt, test image 0
 python inference.py --index 42 --text 7  # another query image; the nearest images to the caption "7"
+python inference.py --text "a thick seven"  # any sentence, for a model trained with --text-encoder transformer or lstm
+python inference.py --image cat.png --labels cat,dog --template "a photo of a {}"  # your own classes and prompt
 python inference.py --image my_digit.png # your own pictures, dark ink on light paper or the reverse
 python inference.py --evaluate           # every metric and figure on the full test split
 python inference.py --evaluate --split val  # the same on the validation split, for choices the test split must not make
@@ -10,17 +12,34 @@ python inference.py --evaluate --split val  # the same on the validation split, 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import figures
+from captions import attribute_queries, image_properties, stroke_edges, template_sets
 from checkpoint import CheckpointError, latest_run, load_model
 from clip import CLIP
 from dataset import DATASETS, DataError, ImageError, load_splits, load_user_image
-from evaluation import TOP_K, Gallery, evaluate, nearest_images
+from evaluation import TOP_K, CaptionQueries, Gallery, evaluate, nearest_images
 from metrics import centred, zero_shot_classification
+from text_encoder import DIGIT_CAPTIONS, TextError, normalize_text
 from utils import PRECISIONS, class_embeddings, embed_images, pick_device, resolve_precision
+
+# Free-text prompts whose similarity with a few test images --evaluate draws, for a model that reads sentences.
+PROMPTS = (
+    "a handwritten 7",
+    "the number three",
+    "手写的数字五",
+    "a thick 0",
+    "a 1 slanted to the right",
+    "一个宽的数字二",
+    "a photo of a cat",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,7 +60,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--index", type=int, default=0, help="image of the split to classify and to query with")
     p.add_argument("--image", type=Path, nargs="+", default=None, help="your own image files to classify instead")
-    p.add_argument("--text", choices=[str(d) for d in range(10)], default=None, help="also show the images nearest to this digit caption")
+    p.add_argument(
+        "--text", default=None, help='also show the images nearest to this caption: "0".."9", or any sentence for a model that reads them'
+    )
+    p.add_argument(
+        "--labels", default=None, help="classify as these classes instead: comma-separated names, or a UTF-8 file of one name per line"
+    )
+    p.add_argument("--template", default="{}", help='the caption made of each of --labels, such as "a photo of a {}"')
     p.add_argument("--output-dir", type=Path, default=None, help="where figures go (default: the checkpoint's run folder)")
     p.add_argument(
         "--evaluate",
@@ -57,51 +82,92 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def print_similarities(name: str, similarities: torch.Tensor, probabilities: torch.Tensor) -> None:
-    top2 = probabilities.topk(2)
-    predicted, runner_up = top2.indices.tolist()
-    print(f"{name}: predicted {predicted} (p={top2.values[0]:.3f}), runner-up {runner_up} (p={top2.values[1]:.3f})")
-    print("  cosine to digits " + "  ".join(f"{d}:{s:+.3f}" for d, s in enumerate(similarities.tolist())))
+@dataclass
+class Classes:
+    """What a picture is classified as: each class's name and the embedding of its captions."""
+
+    names: list[str]
+    features: torch.Tensor  # (C, D), unit norm
+    are_labels: bool = True  # the split's own labels, so that a neighbour of another label shows red
+
+
+@torch.inference_mode()
+def user_classes(model: CLIP, labels: str, template: str) -> Classes:
+    """--labels and --template: the user's own classes, each embedded as its caption by the template.
+    TextError, in one line, for what cannot make a set of classes."""
+    path = Path(labels)
+    if path.is_file():
+        try:
+            names = path.read_bytes().decode("utf-8").splitlines()
+        except UnicodeDecodeError as error:
+            raise TextError(f"{path} is not UTF-8 text (byte {error.start}): save it as UTF-8, one class name per line") from None
+    else:
+        names = labels.split(",")
+    names = [name.strip() for name in names if name.strip()]
+    controls = [name for name in names if any(unicodedata.category(character) == "Cc" for character in name)]
+    if controls:
+        raise TextError(f"the class name {controls[0]!r} holds a control character: give names in plain text")
+    if len({normalize_text(name) for name in names}) < len(names):
+        raise TextError(f"--labels names a class twice ({', '.join(names)}): give each class once")
+    if len(names) < 2:
+        raise TextError(f"--labels gives {len(names)} class: zero-shot classification needs at least two")
+    if template.count("{}") != 1:
+        raise TextError(f'--template {template!r} must hold "{{}}" once, where each class name goes')
+    return Classes(names, model.encode_classes(tuple((template.format(name),) for name in names)), are_labels=False)
+
+
+def print_similarities(name: str, classes: Classes, similarities: torch.Tensor, probabilities: torch.Tensor) -> None:
+    top2 = probabilities.topk(min(2, len(classes.names)))
+    first, second = (classes.names[i] for i in top2.indices.tolist())
+    print(f"{name}: predicted {first} (p={top2.values[0]:.3f}), runner-up {second} (p={top2.values[1]:.3f})")
+    print("  cosine to the classes " + "  ".join(f"{c}:{s:+.3f}" for c, s in zip(classes.names, similarities.tolist(), strict=True)))
 
 
 def classify_and_retrieve(
-    model: CLIP, gallery: Gallery, name: str, image: torch.Tensor, own_index: int | None, precision: str, figure_path: Path
+    model: CLIP,
+    gallery: Gallery,
+    classes: Classes,
+    name: str,
+    image: torch.Tensor,
+    own_index: int | None,
+    precision: str,
+    figure_path: Path,
 ) -> dict:
-    """Classify one (28, 28) image zero-shot and show the gallery images most like it; `own_index`
-    is its place in the gallery, if it is one of the gallery's images, so that it does not find itself."""
+    """Classify one (28, 28) image zero-shot as one of `classes` and show the gallery images most like it;
+    `own_index` is its place in the gallery, if it is one of the gallery's images, so that it does not find itself."""
     features = embed_images(model, image[None], precision)[0]
-    similarities = (features @ gallery.text_features.T).cpu()
+    similarities = (features @ classes.features.T).cpu()
     probabilities = (model.logit_scale.exp().item() * similarities).softmax(dim=0)
-    print_similarities(name, similarities, probabilities)
+    print_similarities(name, classes, similarities, probabilities)
     exclude = None if own_index is None else torch.tensor([own_index], device=features.device)
     nearest, cosines = nearest_images(features[None], gallery.image_features, exclude)
     nearest, cosines = nearest[0].cpu(), cosines.cpu()
     predicted, labels = int(probabilities.argmax()), gallery.split.labels[nearest]
-    figure = figures.plot_retrieval(
-        [image], gallery.split.images[nearest][None], labels[None], cosines, [predicted], [f"query\npredicted {predicted}"]
-    )
+    expected, title = predicted if classes.are_labels else None, f"query\npredicted {classes.names[predicted]}"
+    figure = figures.plot_retrieval([image], gallery.split.images[nearest][None], labels[None], cosines, [expected], [title])
     figures.save(figure, figure_path)
     print(f"  top-{TOP_K} similar {gallery.name} images: labels {labels.tolist()}, figure {figure_path}")
     return {
         "name": name,
-        "predicted": predicted,
+        "predicted": predicted,  # the index of the class, and its name:
+        "predicted_name": classes.names[predicted],
         "probabilities": probabilities.tolist(),
         "neighbours": nearest.tolist(),
         "figure": figure_path,
     }
 
 
-def show_split_image(model: CLIP, gallery: Gallery, index: int, precision: str, output_dir: Path) -> dict:
+def show_split_image(model: CLIP, gallery: Gallery, classes: Classes, index: int, precision: str, output_dir: Path) -> dict:
     """--index: classify one of the split's own images and retrieve the others most like it."""
     split = gallery.split
     if not 0 <= index < len(split):
         raise SystemExit(f"error: --index {index} is outside the {gallery.name} split: pick 0 to {len(split) - 1}")
     name = f"{gallery.name} image {index} (a {split.labels[index]})"
     figure_path = output_dir / f"retrieval_{'' if gallery.name == 'test' else 'val_'}{index}.png"
-    return classify_and_retrieve(model, gallery, name, split.images[index], index, precision, figure_path)
+    return classify_and_retrieve(model, gallery, classes, name, split.images[index], index, precision, figure_path)
 
 
-def show_user_pictures(model: CLIP, gallery: Gallery, paths: list[Path], precision: str, output_dir: Path) -> list[dict]:
+def show_user_pictures(model: CLIP, gallery: Gallery, classes: Classes, paths: list[Path], precision: str, output_dir: Path) -> list[dict]:
     """--image: classify the user's own pictures, each converted as MNIST was made; a file that
     cannot be used is skipped with one line saying why."""
     results, images, stems = [], [], set()
@@ -116,37 +182,64 @@ def show_user_pictures(model: CLIP, gallery: Gallery, paths: list[Path], precisi
             copy += 1
             stem = f"{path.stem}-{copy}"
         stems.add(stem)
-        results.append(classify_and_retrieve(model, gallery, path.name, image, None, precision, output_dir / f"retrieval_{stem}.png"))
+        figure_path = output_dir / f"retrieval_{stem}.png"
+        results.append(classify_and_retrieve(model, gallery, classes, path.name, image, None, precision, figure_path))
         images.append(image)
     if results:
         # What the model saw, beside what it made of it: the check when a prediction surprises.
         probabilities = torch.tensor([r["probabilities"] for r in results])
-        figure = figures.plot_predictions([r["name"] for r in results], torch.stack(images), probabilities)
+        figure = figures.plot_predictions([r["name"] for r in results], torch.stack(images), probabilities, classes.names)
         print(f"your pictures as the model saw them, with its probabilities: {figures.save(figure, output_dir / 'predictions.png')}")
     return results
 
 
-def show_caption(gallery: Gallery, digit: int, output_dir: Path) -> Path:
-    """--text: the split's images nearest to a digit's caption, by the cosine of centred embeddings (metrics.centred)."""
-    top = (centred(gallery.image_features) @ centred(gallery.text_features)[digit]).cpu().topk(TOP_K)
+@torch.inference_mode()
+def show_caption(model: CLIP, gallery: Gallery, text: str, output_dir: Path) -> Path:
+    """--text: the split's images nearest to a caption, by the cosine of embeddings centred on their
+    modality's mean (metrics.centred): the gallery's for the images, the digit captions' for the text."""
+    if model.config.text_encoder != "digit" and len(normalize_text(text)) > model.config.text_max_length:
+        print(f"note: the caption has {len(normalize_text(text)):,} characters; the model reads its first {model.config.text_max_length}")
+    query = model.encode_text(model.tokenize([text]).to(gallery.text_features.device))[0]
+    scores = centred(gallery.image_features) @ centred(query, mean=gallery.text_features.mean(dim=0))
+    top = scores.cpu().topk(TOP_K)
     labels = gallery.split.labels[top.indices]
+    shown = text if len(text) <= 40 else text[:39] + "…"
+    expected = int(text) if text in DIGIT_CAPTIONS else None  # red marks a wrong digit only where the caption names one
     figure = figures.plot_retrieval(
-        [f'"{digit}"'], gallery.split.images[top.indices][None], labels[None], top.values[None], [digit], ["caption"]
+        [f'"{shown}"'], gallery.split.images[top.indices][None], labels[None], top.values[None], [expected], ["caption"]
     )
-    figure_path = figures.save(figure, output_dir / f"text_retrieval_{digit}.png")
-    print(f'{gallery.name} images nearest to the caption "{digit}": labels {labels.tolist()}, figure {figure_path}')
+    # A name of the caption's letters and digits; where that drops anything, a hash keeps two captions apart.
+    slug = re.sub(r"[^0-9a-z]+", "-", normalize_text(text)).strip("-")[:40]
+    if slug != normalize_text(text).replace(" ", "-"):
+        slug = f"{slug or 'caption'}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"
+    figure_path = figures.save(figure, output_dir / f"text_retrieval_{slug}.png")
+    print(f'{gallery.name} images nearest to the caption "{shown}": labels {labels.tolist()}, figure {figure_path}')
     return figure_path
 
 
+@torch.inference_mode()
 def load_gallery(model: CLIP, state: dict, args: argparse.Namespace, precision: str) -> Gallery:
-    """The split that args.split names, from the data the model was trained on unless args say otherwise,
-    with the validation split held out exactly as in training."""
+    """The split that args.split names, embedded, from the data the model was trained on unless args
+    say otherwise, with the validation split held out exactly as in training; for a model that reads
+    sentences, also what --evaluate measures of its text side."""
     dataset, data_dir = args.dataset or state["args"]["dataset"], args.data_dir or state["args"]["data_dir"]
-    if args.split == "val":
-        name, split = "validation", load_splits(dataset, data_dir, val_size=state["args"]["val_size"]).val
-    else:
-        name, split = "test", load_splits(dataset, data_dir, val_size=1).test
-    return Gallery(name, split, embed_images(model, split.images, precision), class_embeddings(model))
+    splits = load_splits(dataset, data_dir, val_size=state["args"]["val_size"] if dataset == state["args"]["dataset"] else 1)
+    name, split = ("validation", splits.val) if args.split == "val" else ("test", splits.test)
+    gallery = Gallery(name, split, embed_images(model, split.images, precision), class_embeddings(model))
+    if model.config.text_encoder == "digit":
+        return gallery
+
+    def encode(texts: list[str]) -> torch.Tensor:
+        return model.encode_text(model.tokenize(texts).to(args.device))
+
+    gallery.template_sets = {name: model.encode_classes(captions.class_captions()) for name, captions in template_sets().items()}
+    gallery.prompts = dict(zip(PROMPTS, encode(list(PROMPTS)), strict=True))
+    if state["args"].get("captions") == "attributes":
+        queries, held_out = attribute_queries()
+        properties = image_properties(split, stroke_edges(splits.train))
+        relevant = queries.describes(properties).T  # (K, N)
+        gallery.attribute_queries = CaptionQueries(queries.texts, encode(queries.texts), relevant, held_out, queries.languages, properties)
+    return gallery
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -164,17 +257,20 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"zero-shot accuracy on the {len(gallery.split):,} {gallery.name} images: {accuracy:.2%}")
     if args.evaluate:
         return {"accuracy": accuracy, "metrics": evaluate(gallery, state, output_dir)}
+    classes = Classes([str(digit) for digit in range(10)], gallery.text_features)
+    if args.labels is not None:
+        classes = user_classes(model, args.labels, args.template)
     if args.image:
-        queries = show_user_pictures(model, gallery, args.image, precision, output_dir)
+        queries = show_user_pictures(model, gallery, classes, args.image, precision, output_dir)
     else:
-        queries = [show_split_image(model, gallery, args.index, precision, output_dir)]
+        queries = [show_split_image(model, gallery, classes, args.index, precision, output_dir)]
     if args.text is not None:
-        show_caption(gallery, int(args.text), output_dir)
+        show_caption(model, gallery, args.text, output_dir)
     return {"accuracy": accuracy, "queries": queries}
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (CheckpointError, DataError) as error:
+    except (CheckpointError, DataError, TextError) as error:
         raise SystemExit(f"error: {error}") from None

@@ -32,15 +32,15 @@ def mean_of_present(values: list[float | None]) -> float:
     return sum(present) / len(present)
 
 
-def centred(features: torch.Tensor) -> torch.Tensor:
-    """`features` less their mean, back on the unit sphere.
+def centred(features: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
+    """`features` less their mean (or the `mean` of the modality they belong to), back on the unit sphere.
 
     Each modality of a CLIP model fills its own narrow cone, and the two cones sit apart: the
     modality gap (Liang et al., 2022). A caption then lies beyond the edge of its digit's images,
     and the images nearest to it are the most extreme of the digit. Text-to-image retrieval ranks
     by the cosine of centred images and centred captions instead, which returns typical images.
     """
-    return F.normalize(features - features.mean(dim=0), dim=-1)
+    return F.normalize(features - (features.mean(dim=0) if mean is None else mean), dim=-1)
 
 
 def zero_shot_classification(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -160,6 +160,14 @@ def text_to_image(
     result["mean_first_correct_rank"] = mean_of_present(by_digit["first_correct_rank"])
     result["per_digit"] = by_digit
     return result
+
+
+def caption_retrieval(image_features: torch.Tensor, caption_features: torch.Tensor, relevant: torch.Tensor, k: int = 10) -> dict:
+    """Each caption ranks the images by the cosine of `centred` embeddings; `relevant` (K, N) says
+    which images each caption describes. Per caption: precision@k, and its chance level, the share
+    of all images that the caption describes."""
+    top = (centred(caption_features) @ centred(image_features).T).topk(min(k, image_features.shape[0]), dim=1).indices  # (K, k)
+    return {f"precision@{k}": relevant.gather(1, top).float().mean(dim=1).tolist(), "chance": relevant.float().mean(dim=1).tolist()}
 
 
 def similarity_gap(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor) -> dict:

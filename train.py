@@ -32,9 +32,11 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from captions import CAPTION_KINDS, Captions, image_properties, stroke_edges, training_captions
 from checkpoint import RUNS_DIR, CheckpointError, RandomState, RunState, latest_run, load_checkpoint, load_model, save_checkpoint
 from clip import CLIP, CLIPConfig, clip_loss
-from dataset import DATASETS, DataError, Split, batches, load_splits, normalize, random_affine
+from dataset import DATASETS, DataError, Split, load_splits, normalize, random_affine, shuffled_batches
+from text_encoder import TEXT_ENCODERS, CharTokenizer
 from utils import (
     PRECISIONS,
     GracefulStop,
@@ -103,6 +105,18 @@ def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) 
     )
     p.add_argument("--blocks-per-stage", type=positive_int, default=defaults.image_blocks_per_stage, help="residual blocks per stage")
     p.add_argument("--embed-dim", type=positive_int, default=defaults.embed_dim, help="size of the shared embedding space")
+    p.add_argument(
+        "--captions",
+        choices=CAPTION_KINDS,
+        default="label",
+        help="label: the digit alone; templates: sentences in English and Chinese; attributes: sentences that also say how it is written",
+    )
+    p.add_argument(
+        "--text-encoder",
+        choices=TEXT_ENCODERS,
+        default=defaults.text_encoder,
+        help="digit: a table of the captions 0-9; transformer or lstm: read any sentence, character by character",
+    )
     p.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="where runs are written")
     p.add_argument("--run-name", default=None, help="name of the run folder (default: dataset and time)")
     p.add_argument("--resume", default=None, help="continue from a last.pt checkpoint, or 'latest'")
@@ -116,6 +130,8 @@ def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) 
     for name, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.text_encoder == "digit" and args.captions != "label":
+        p.error(f"--text-encoder digit reads only the captions 0-9: with --captions {args.captions} use --text-encoder transformer or lstm")
     try:
         args.device = pick_device(args.device)
         resolve_precision(args.precision, args.device)  # refuses what the device cannot run, with the usage line
@@ -140,8 +156,28 @@ def new_run_dir(runs_dir: Path, run_name: str | None, dataset: str) -> Path:
     return run_dir
 
 
-def model_config(args: argparse.Namespace) -> CLIPConfig:
-    return CLIPConfig(image_widths=args.image_widths, image_blocks_per_stage=args.blocks_per_stage, embed_dim=args.embed_dim)
+def model_config(args: argparse.Namespace, captions: Captions) -> CLIPConfig:
+    """The model the settings ask for, its tokenizer built from its training captions, and each digit's captions to classify with."""
+    reads_text = args.text_encoder != "digit"
+    return CLIPConfig(
+        image_widths=args.image_widths,
+        image_blocks_per_stage=args.blocks_per_stage,
+        embed_dim=args.embed_dim,
+        text_encoder=args.text_encoder,
+        text_characters=CharTokenizer.from_captions(captions.texts, CLIPConfig.text_max_length).characters if reads_text else "",
+        class_captions=captions.class_captions(),
+    )
+
+
+@dataclass
+class CaptionedImages:
+    """A split's images with the captions they are trained with: each caption's tokens, and each image's
+    properties (captions.PROPERTIES), which say which captions describe it."""
+
+    split: Split
+    properties: torch.Tensor  # (N, 4)
+    captions: Captions
+    tokens: torch.Tensor  # (K, ...) the tokens of every caption
 
 
 def resumed_settings(argv: list[str] | None, args: argparse.Namespace) -> tuple[argparse.Namespace, dict, Path]:
@@ -253,13 +289,13 @@ def new_run(args: argparse.Namespace, config: CLIPConfig, total_steps: int) -> t
         training_model=model,
         optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps, pct_start=0.25),
-        rng=RandomState(torch.Generator(device).manual_seed(args.seed), device),
+        rng=RandomState(device, args.seed),
         epoch_loss_sum=torch.zeros((), device=device),
     )
     return state, average
 
 
-def train_one_epoch(loop: Loop, state: RunState, average: MovingAverage, split: Split) -> None:
+def train_one_epoch(loop: Loop, state: RunState, average: MovingAverage, data: CaptionedImages) -> None:
     """Train on epoch `state.epoch` until it ends, or until a signal asks to stop. A resumed run skips
     the steps of this epoch it has trained on already."""
     args, model = loop.args, state.training_model
@@ -267,19 +303,22 @@ def train_one_epoch(loop: Loop, state: RunState, average: MovingAverage, split: 
     order = torch.Generator(args.device).manual_seed(args.seed * 100_003 + state.epoch)
     done = state.step - state.epoch * loop.steps_per_epoch
     progress = tqdm(
-        islice(batches(split, args.batch_size, order), done, loop.steps_per_epoch),
+        islice(shuffled_batches(len(data.split), args.batch_size, order), done, loop.steps_per_epoch),
         initial=done,
         total=loop.steps_per_epoch,
         desc=f"epoch {state.epoch + 1}/{loop.epochs}",
         leave=False,
     )
-    class_tokens = model.class_tokens(args.device)
     model.train()
-    for images, labels in progress:
-        images = normalize(random_affine(images, args.max_shift, args.max_rotation, args.max_scale, state.rng.augment))
+    for batch in progress:
+        images = random_affine(data.split.images[batch], args.max_shift, args.max_rotation, args.max_scale, state.rng.augment)
+        describes = data.captions.describes(data.properties[batch])  # (B, K): which captions describe which image
+        captions = torch.multinomial(describes.float(), 1, generator=state.rng.captions)[:, 0]  # one of them per image
+        distinct, column = captions.unique(return_inverse=True)  # a caption that several images drew is encoded once
         with autocast(args.device, loop.precision):
-            logits = model(images.contiguous(memory_format=torch.channels_last), class_tokens[labels])
-        loss = clip_loss(logits, labels)
+            logits = model(normalize(images).contiguous(memory_format=torch.channels_last), data.tokens[distinct])[:, column]
+        positives = describes[:, captions]  # (B, B): whether image j's caption describes image i
+        loss = clip_loss(logits, positives)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
@@ -291,7 +330,7 @@ def train_one_epoch(loop: Loop, state: RunState, average: MovingAverage, split: 
         loop.watch.update(loss.detach(), state.step)
         if state.step % args.log_interval == 0:  # .item() waits for the device: only at log steps
             loop.watch.check(loop.run_dir / "last.pt")
-            batch_accuracy = (labels[logits.argmax(dim=1)] == labels).float().mean().item()
+            batch_accuracy = positives.gather(1, logits.argmax(dim=1, keepdim=True)).float().mean().item()
             progress.set_postfix(loss=f"{loss.item():.4f}", acc=f"{batch_accuracy:.3f}")
             loop.writer.add_scalar("train/loss", loss.item(), state.step)
             loop.writer.add_scalar("train/lr", state.scheduler.get_last_lr()[0], state.step)
@@ -389,17 +428,21 @@ def run(argv: list[str] | None, stop: GracefulStop) -> dict:
     epochs = 1 if args.dry_run else args.epochs
     if steps_per_epoch == 0:
         raise SystemExit(f"error: --batch-size {args.batch_size} exceeds the {len(train_split)} training images: lower it")
+    captions = training_captions(args.captions)
     # A resumed run is rebuilt from its checkpoint's config, which holds what the model was.
-    config = CLIPConfig.from_dict(checkpoint["config"]) if checkpoint else model_config(args)
+    config = CLIPConfig.from_dict(checkpoint["config"]) if checkpoint else model_config(args, captions)
     state, average = new_run(args, config, epochs * steps_per_epoch)
     if checkpoint:
         state.load_state_dict(checkpoint)
+    edges = stroke_edges(train_split) if args.captions == "attributes" else None
+    tokens = state.training_model.tokenize(captions.texts).to(args.device)
+    train_data = CaptionedImages(train_split, image_properties(train_split, edges), captions, tokens)
     loop = Loop(args, precision, run_dir, epochs, steps_per_epoch, SummaryWriter(str(run_dir)), LossWatch(args.device), stop)
 
     print(f"{why}; training on {args.device}, {sum(p.numel() for p in state.model.parameters()):,} parameters, run folder {run_dir}")
     start_time = time.perf_counter()
     while state.epoch < epochs:
-        train_one_epoch(loop, state, average, train_split)
+        train_one_epoch(loop, state, average, train_data)
         if stop.received:
             save(loop, state, "last.pt")
             exit_after_signal(loop, state)

@@ -170,9 +170,8 @@ def embed_images(model, images: torch.Tensor, precision: str = "fp32", batch_siz
 
 @torch.inference_mode()
 def class_embeddings(model) -> torch.Tensor:
-    """(10, embed_dim) unit-norm embeddings of the captions "0".."9"."""
-    device = next(model.parameters()).device
-    return model.encode_text(model.class_tokens(device))
+    """(10, embed_dim) unit-norm embeddings of the ten digits' captions, in eval mode."""
+    return model.encode_classes()
 
 
 def zero_shot_accuracy(model, images: torch.Tensor, labels: torch.Tensor, precision: str = "fp32") -> float:

@@ -6,8 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from clip import CLIP, MAX_LOGIT_SCALE, CLIPConfig, clip_loss
+from text_encoder import DIGIT_CAPTIONS
 
 SMALL = CLIPConfig(image_widths=(8, 16), image_blocks_per_stage=1, text_hidden_dim=16, embed_dim=12)
+
+
+def same_digit(labels: torch.Tensor) -> torch.Tensor:
+    """The positives of a batch whose captions state its images' digits: every pair of the same digit."""
+    return labels[:, None] == labels[None, :]
 
 
 def classic_clip_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -18,7 +24,7 @@ def classic_clip_loss(logits: torch.Tensor) -> torch.Tensor:
 def test_embeddings_have_the_shared_size_and_unit_norm():
     model = CLIP(SMALL)
     images = torch.randn(5, 1, 28, 28)
-    tokens = model.class_tokens("cpu")
+    tokens = model.tokenize(DIGIT_CAPTIONS)
     image_features, text_features = model.encode_image(images), model.encode_text(tokens)
     assert image_features.shape == (5, 12) and text_features.shape == (10, 12)
     assert torch.allclose(image_features.norm(dim=1), torch.ones(5), atol=1e-5)
@@ -30,15 +36,14 @@ def test_loss_is_classic_clip_loss_when_labels_are_distinct():
     torch.manual_seed(0)
     logits = torch.randn(10, 10) * 3
     labels = torch.randperm(10)
-    assert torch.allclose(clip_loss(logits, labels), classic_clip_loss(logits), atol=1e-6)
+    assert torch.allclose(clip_loss(logits, same_digit(labels)), classic_clip_loss(logits), atol=1e-6)
 
 
 def test_loss_counts_same_digit_pairs_as_positives():
     labels = torch.tensor([3, 3, 7, 7, 1])
-    same_digit = (labels[:, None] == labels[None, :]).float()
     # Every image scores high with every caption of its own digit: the ideal for this batch.
-    logits = (10 * same_digit).requires_grad_()
-    clip_loss(logits, labels).backward()
+    logits = (10 * same_digit(labels).float()).requires_grad_()
+    clip_loss(logits, same_digit(labels)).backward()
     assert logits.grad.abs().max() < 1e-3  # nothing left to learn
     classic = logits.detach().clone().requires_grad_()
     classic_clip_loss(classic).backward()
@@ -49,9 +54,9 @@ def test_loss_is_near_zero_when_matched_and_near_log_batch_when_random():
     torch.manual_seed(0)
     features = F.normalize(torch.randn(16, 32), dim=1)
     labels = torch.arange(16)
-    assert clip_loss(100 * features @ features.T, labels) < 0.05
+    assert clip_loss(100 * features @ features.T, same_digit(labels)) < 0.05
     random_logits = F.normalize(torch.randn(16, 32), dim=1) @ features.T
-    assert abs(clip_loss(random_logits, labels).item() - math.log(16)) < 0.3
+    assert abs(clip_loss(random_logits, same_digit(labels)).item() - math.log(16)) < 0.3
 
 
 def test_logit_scale_starts_at_clip_value_and_is_clamped_at_100():
@@ -66,7 +71,7 @@ def test_logit_scale_starts_at_clip_value_and_is_clamped_at_100():
 
 def test_logits_stay_fp32_under_bf16_autocast():
     model = CLIP(SMALL)
-    images, tokens = torch.randn(6, 1, 28, 28), model.class_tokens("cpu")[:6]
+    images, tokens = torch.randn(6, 1, 28, 28), model.tokenize(DIGIT_CAPTIONS[:6])
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = model(images, tokens)
         image_features, text_features = model.encode_image(images), model.encode_text(tokens)
@@ -88,8 +93,8 @@ def test_loss_with_repeated_labels_matches_a_hand_computed_value():
     rows, columns = logits.tolist(), logits.T.tolist()
     image_to_text = -sum(t * p for i in range(3) for t, p in zip(targets[i], log_softmax(rows[i]), strict=True)) / 3
     text_to_image = -sum(t * p for i in range(3) for t, p in zip(targets[i], log_softmax(columns[i]), strict=True)) / 3
-    assert clip_loss(logits, labels).item() == pytest.approx((image_to_text + text_to_image) / 2, rel=1e-6)
-    assert clip_loss(logits.T, labels).item() == pytest.approx(
+    assert clip_loss(logits, same_digit(labels)).item() == pytest.approx((image_to_text + text_to_image) / 2, rel=1e-6)
+    assert clip_loss(logits.T, same_digit(labels)).item() == pytest.approx(
         (image_to_text + text_to_image) / 2, rel=1e-6
     )  # symmetric in its two directions
 
@@ -108,7 +113,7 @@ def test_config_survives_the_json_round_trip_of_a_checkpoint():
 
 def test_unnormalised_embeddings_are_the_features_before_their_projection_onto_the_sphere():
     model = CLIP(SMALL)
-    images, tokens = torch.randn(4, 1, 28, 28), model.class_tokens("cpu")
+    images, tokens = torch.randn(4, 1, 28, 28), model.tokenize(DIGIT_CAPTIONS)
     raw_images, raw_texts = model.encode_image(images, normalize=False), model.encode_text(tokens, normalize=False)
     # The raw features are not unit vectors (so the flag matters), and normalising them gives the embeddings.
     assert not torch.allclose(raw_images.norm(dim=1), torch.ones(4), atol=1e-3)
@@ -117,6 +122,18 @@ def test_unnormalised_embeddings_are_the_features_before_their_projection_onto_t
     assert torch.allclose(F.normalize(raw_texts, dim=1), model.encode_text(tokens), atol=1e-6)
 
 
-def test_class_tokens_are_made_on_the_requested_device():
+def test_class_embeddings_are_made_on_the_model_s_device():
     # The meta device stands in for a GPU on machines without one: tokens left on the CPU would fail there.
-    assert CLIP(SMALL).class_tokens("meta").device.type == "meta"
+    assert CLIP(SMALL).to("meta").encode_classes().device.type == "meta"
+
+
+def test_loss_spreads_each_direction_over_what_describes_what():
+    # Caption 0 says "a 7", caption 1 "a thick 7": image 0 (a thin 7) fits only caption 0; image 1
+    # (a thick 7) fits both. Image 0's target is caption 0; image 1's is half each. Caption 0's target
+    # is half each image; caption 1's is image 1.
+    positives = torch.tensor([[True, False], [True, True]])
+    logits = torch.tensor([[1.0, 2.0], [0.5, -1.0]])
+    log_p_rows, log_p_columns = logits.log_softmax(dim=1), logits.log_softmax(dim=0)
+    image_to_text = -(log_p_rows[0, 0] + (log_p_rows[1, 0] + log_p_rows[1, 1]) / 2) / 2
+    text_to_image = -((log_p_columns[0, 0] + log_p_columns[1, 0]) / 2 + log_p_columns[1, 1]) / 2
+    assert clip_loss(logits, positives).item() == pytest.approx(((image_to_text + text_to_image) / 2).item(), rel=1e-6)

@@ -81,10 +81,10 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(runs_dir: Path, monkeypatc
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(bad_step, saved_step, runs_dir, monkeypatch):
     calls = 0
 
-    def nan_loss_once(logits, labels):
+    def nan_loss_once(logits, positives):
         nonlocal calls
         calls += 1
-        loss = clip_loss(logits, labels)
+        loss = clip_loss(logits, positives)
         return loss * float("nan") if calls == bad_step else loss
 
     monkeypatch.setattr(train, "clip_loss", nan_loss_once)

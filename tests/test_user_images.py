@@ -164,7 +164,7 @@ def untrained_checkpoint(tmp_path_factory) -> Path:
     state = {
         "model": CLIP(config).state_dict(),
         "config": config.to_dict(),
-        "args": {"dataset": "digits", "data_dir": "data"},
+        "args": {"dataset": "digits", "data_dir": "data", "val_size": 300},
         "step": 0,
         "epoch": 0,
         "best_accuracy": 0.0,
