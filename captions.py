@@ -1,16 +1,17 @@
-"""Captions for MNIST's digits: what each says, and which images it describes.
+"""Captions for the images of MNIST and Fashion-MNIST: what each says, and which images it describes.
 
 `train.py --captions` picks one of three kinds:
-- label: the digit alone, "7", as the original model was trained;
-- templates: a sentence made of a template and one of the digit's names, in English
-  or in Chinese: "a handwritten 7", "the number seven", "手写的数字七";
-- attributes: those sentences, and sentences that also say how the digit is written,
-  "a thick 7 slanted to the right", by a rule over its pixels (`measure_strokes`).
+- label: the class alone, "7", as the original model was trained (for clothes, the
+  class's number: the digit text encoder has only ten entries);
+- templates: a sentence made of a template and one of the class's names, in English
+  or in Chinese: "a handwritten 7", "the number seven", "手写的数字七", "a photo of a sneaker";
+- attributes (digits only): those sentences, and sentences that also say how the digit
+  is written, "a thick 7 slanted to the right", by a rule over its pixels (`measure_strokes`).
 
-A caption states the value of some of an image's properties (`PROPERTIES`): its digit
+A caption states the value of some of an image's properties (`PROPERTIES`): its class
 always, an attribute caption its thickness, width or slant too. It describes every image
 that has those values, so the positives of a training batch are the image-caption pairs
-where it does, and zero-shot classification averages the captions that state a digit alone.
+where it does, and zero-shot classification averages the captions that state a class alone.
 """
 
 from __future__ import annotations
@@ -26,23 +27,65 @@ from dataset import Split
 
 CAPTION_KINDS = ("label", "templates", "attributes")
 LANGUAGES = ("en", "zh")
-PROPERTIES = ("digit", "thickness", "width", "slant")
+PROPERTIES = ("label", "thickness", "width", "slant")
 ANY = -1  # what a caption that does not state a property holds for it
 
-DIGIT_NAMES = {
-    "en": [(str(d), name) for d, name in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])],
-    "zh": [(str(d), name) for d, name in enumerate("零一二三四五六七八九")],
+# Each class's names, in label order, per data set and language.
+CLASS_WORDS = {
+    "mnist": {
+        "en": [(str(d), name) for d, name in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])],
+        "zh": [(str(d), name) for d, name in enumerate("零一二三四五六七八九")],
+    },
+    "fashion": {
+        "en": [
+            ("t-shirt", "top"),
+            ("pair of trousers", "pair of pants"),
+            ("pullover", "sweater"),
+            ("dress",),
+            ("coat", "jacket"),
+            ("sandal",),
+            ("shirt",),
+            ("sneaker", "trainer"),
+            ("bag", "handbag"),
+            ("ankle boot", "boot"),
+        ],
+        "zh": [
+            ("T恤", "短袖"),
+            ("裤子", "长裤"),
+            ("套头衫", "毛衣"),
+            ("连衣裙",),
+            ("外套", "大衣"),
+            ("凉鞋",),
+            ("衬衫",),
+            ("运动鞋",),
+            ("包", "手提包"),
+            ("短靴", "靴子"),
+        ],
+    },
 }
 # Every character of the held-out templates occurs in the trained ones, in other words and
 # orders: they measure whether the text encoder reads sentences it has not seen, not new letters.
 TEMPLATES = {
-    "en": ["{}", "a {}", "a handwritten {}", "the number {}", "the digit {} written by hand", "a drawing of the number {}"],
-    "zh": ["{}", "数字{}", "手写的{}", "一个手写的数字{}", "这是一个{}", "图中的数字是{}"],
+    "mnist": {
+        "en": ["{}", "a {}", "a handwritten {}", "the number {}", "the digit {} written by hand", "a drawing of the number {}"],
+        "zh": ["{}", "数字{}", "手写的{}", "一个手写的数字{}", "这是一个{}", "图中的数字是{}"],
+    },
+    "fashion": {
+        "en": ["{}", "a {}", "a photo of a {}", "a picture of the {}", "a product photo of a {}", "a black and white photo of a {}"],
+        "zh": ["{}", "一件{}", "一张{}的照片", "这是{}", "商品图：{}", "一张黑白的{}照片"],
+    },
 }
 HELD_OUT_TEMPLATES = {
-    "en": ["a photo of the digit {}", "this is a {} drawn by hand"],
-    "zh": ["这是手写数字{}", "图中是一个{}"],
+    "mnist": {"en": ["a figure showing the number {}", "this is a {} drawn by hand"], "zh": ["这是手写数字{}", "图中是一个{}"]},
+    "fashion": {"en": ["a photo showing a {}", "this is a {}"], "zh": ["这是一张{}的图片", "一件黑白的{}"]},
 }
+
+
+def words_of(dataset: str) -> str:
+    """The data set whose words describe `dataset`: the offline digits are digits."""
+    return "mnist" if dataset == "digits" else dataset
+
+
 # Words for the three bins of each attribute: the thinnest, narrowest, most left-leaning third
 # of a digit's training images, the middle third, and the rest.
 ATTRIBUTE_WORDS = {
@@ -77,7 +120,7 @@ class Captions:
         return ((says[None] == ANY) | (says[None] == properties[:, None])).all(dim=2)
 
     def class_captions(self) -> tuple[tuple[str, ...], ...]:
-        """Per digit, the captions that state the digit alone: averaged, they classify (prompt ensembling)."""
+        """Per class, the captions that state the class alone: averaged, they classify (prompt ensembling)."""
         digit_only = (self.says[:, 1:] == ANY).all(dim=1)
         return tuple(
             tuple(t for t, d, only in zip(self.texts, self.says[:, 0].tolist(), digit_only.tolist(), strict=True) if d == digit and only)
@@ -86,18 +129,18 @@ class Captions:
 
 
 def with_article(text: str) -> str:
-    """English's "an" before "8" and "eight", which a template's "a" cannot know it will meet."""
-    return re.sub(r"\ba (?=(8|eight)\b)", "an ", text)
+    """English's "an" before a vowel, "8" and "eight", which a template's "a" cannot know it will meet."""
+    return re.sub(r"\ba (?=[aeio]|8\b)", "an ", text)
 
 
-def template_captions(templates: dict[str, list[str]]) -> Captions:
-    """Every template with every name of every digit, in each language."""
+def template_captions(templates: dict[str, list[str]], names: dict[str, list[tuple[str, ...]]]) -> Captions:
+    """Every template with every name of every class, in each language of the templates."""
     texts, says, languages = [], [], []
     for language, language_templates in templates.items():
-        for template, digit in product(language_templates, range(10)):
-            for name in DIGIT_NAMES[language][digit]:
+        for template, label in product(language_templates, range(len(names[language]))):
+            for name in names[language][label]:
                 texts.append(with_article(template.format(name)))
-                says.append([digit, ANY, ANY, ANY])
+                says.append([label, ANY, ANY, ANY])
                 languages.append(language)
     return Captions(texts, torch.tensor(says), languages)
 
@@ -115,7 +158,7 @@ def attribute_caption(language: str, name: str, bins: dict[str, int]) -> str:
 def attribute_captions(held_out: tuple[tuple[int, str, int], ...] = HELD_OUT_COMBINATIONS) -> Captions:
     """The template captions, and captions stating a digit with one, two or three of its
     attributes, except those stating a held-out (digit, attribute, bin) combination."""
-    templates = template_captions(TEMPLATES)
+    templates = template_captions(TEMPLATES["mnist"], CLASS_WORDS["mnist"])
     texts, says, languages = list(templates.texts), templates.says.tolist(), list(templates.languages)
     attributes = PROPERTIES[1:]
     for language, digit in product(LANGUAGES, range(10)):
@@ -123,31 +166,32 @@ def attribute_captions(held_out: tuple[tuple[int, str, int], ...] = HELD_OUT_COM
             bins = {a: b for a, b in zip(attributes, choice, strict=True) if b != ANY}
             if not bins or any((digit, a, b) in held_out for a, b in bins.items()):
                 continue
-            for name in DIGIT_NAMES[language][digit]:
+            for name in CLASS_WORDS["mnist"][language][digit]:
                 texts.append(attribute_caption(language, name, bins))
                 says.append([digit, *choice])
                 languages.append(language)
     return Captions(texts, torch.tensor(says), languages)
 
 
-def training_captions(kind: str) -> Captions:
+def training_captions(kind: str, dataset: str) -> Captions:
     if kind == "label":
-        return Captions([str(d) for d in range(10)], torch.tensor([[d, ANY, ANY, ANY] for d in range(10)]), ["en"] * 10)
+        return Captions([str(label) for label in range(10)], torch.tensor([[label, ANY, ANY, ANY] for label in range(10)]), ["en"] * 10)
     if kind == "templates":
-        return template_captions(TEMPLATES)
-    if kind == "attributes":
+        return template_captions(TEMPLATES[words_of(dataset)], CLASS_WORDS[words_of(dataset)])
+    if kind == "attributes" and words_of(dataset) == "mnist":
         return attribute_captions()
-    raise ValueError(f"unknown captions {kind!r}: choose one of {', '.join(CAPTION_KINDS)}")
+    raise ValueError(f"no {kind} captions for {dataset}: choose one of {', '.join(CAPTION_KINDS)} (attributes: digits only)")
 
 
-def template_sets() -> dict[str, Captions]:
+def template_sets(dataset: str) -> dict[str, Captions]:
     """The caption sets zero-shot accuracy is measured with: the trained templates and the held-out
     ones, in both languages and in each."""
-    sets = {}
+    names, sets = CLASS_WORDS[words_of(dataset)], {}
     for kind, templates in (("trained templates", TEMPLATES), ("held-out templates", HELD_OUT_TEMPLATES)):
-        sets[kind] = template_captions(templates)
+        templates = templates[words_of(dataset)]
+        sets[kind] = template_captions(templates, names)
         for language in LANGUAGES:
-            sets[f"{kind}, {language}"] = template_captions({language: templates[language]})
+            sets[f"{kind}, {language}"] = template_captions({language: templates[language]}, names)
     return sets
 
 
@@ -156,7 +200,7 @@ def attribute_queries() -> tuple[Captions, torch.Tensor]:
     digit's names ("a thin 4", "一个细的数字四"), and which of them state a held-out combination."""
     texts, says, languages, held_out = [], [], [], []
     for language, digit, (index, attribute), b in product(LANGUAGES, range(10), enumerate(PROPERTIES[1:], start=1), range(3)):
-        for name in DIGIT_NAMES[language][digit]:
+        for name in CLASS_WORDS["mnist"][language][digit]:
             texts.append(attribute_caption(language, name, {attribute: b}))
             says.append([digit] + [b if i == index else ANY for i in (1, 2, 3)])
             languages.append(language)

@@ -1,4 +1,4 @@
-"""MNIST (and an offline stand-in) as uint8 tensors, batched on the training device.
+"""MNIST, Fashion-MNIST and an offline stand-in as uint8 tensors, batched on the training device.
 
 A split is one (N, 28, 28) uint8 image tensor and one (N,) int64 label tensor.
 MNIST is small enough to live on the device whole, so batches are made by
@@ -25,13 +25,20 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_SIZE = 28
 # Mean and standard deviation of MNIST's training pixels, scaled to [0, 1].
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-MNIST_FILES = (
+IDX_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
-DATASETS = ("mnist", "digits")
+DATASETS = ("mnist", "fashion", "digits")
+# Each data set's classes, in label order, and the folder torchvision keeps its files in.
+CLASS_NAMES = {
+    "mnist": tuple(str(digit) for digit in range(10)),
+    "digits": tuple(str(digit) for digit in range(10)),
+    "fashion": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+}
+TORCHVISION_NAMES = {"mnist": "MNIST", "fashion": "FashionMNIST"}
 
 
 class DataError(RuntimeError):
@@ -63,8 +70,8 @@ class Splits:
 
 def load_splits(dataset: str, data_dir: str | Path, val_size: int, split_seed: int = 0) -> Splits:
     """Train/validation/test splits of `dataset`; validation is held out from train."""
-    if dataset == "mnist":
-        train, test = load_mnist(data_dir)
+    if dataset in TORCHVISION_NAMES:
+        train, test = load_idx_dataset(dataset, data_dir)
     elif dataset == "digits":
         train, test = load_sklearn_digits()
     else:
@@ -81,31 +88,32 @@ def load_splits(dataset: str, data_dir: str | Path, val_size: int, split_seed: i
     )
 
 
-def load_mnist(data_dir: str | Path) -> tuple[Split, Split]:
-    """MNIST's 60,000 training and 10,000 test images via torchvision, downloading when missing."""
-    from torchvision.datasets import MNIST  # imported here: the offline data set does not need it
+def load_idx_dataset(dataset: str, data_dir: str | Path) -> tuple[Split, Split]:
+    """MNIST's or Fashion-MNIST's 60,000 training and 10,000 test images via torchvision, downloading them when missing."""
+    import torchvision.datasets  # imported here: the offline data set does not need it
 
+    name = TORCHVISION_NAMES[dataset]
     root = Path(data_dir)
-    raw = root / "MNIST" / "raw"
+    raw = root / name / "raw"
     if root.exists() and not root.is_dir():
         raise DataError(f"--data-dir {root} is a file, not a folder")
-    if all((raw / name).is_file() for name in MNIST_FILES):
+    if all((raw / file).is_file() for file in IDX_FILES):
         # Nothing will be downloaded: check the files first, as torchvision's reader fails obscurely on damaged ones.
-        check_mnist_files(raw)
+        check_idx_files(raw)
     # What is there before a download, which creates folders and files even when it then fails.
-    folders_before = {folder for folder in (root, root / "MNIST", raw) if folder.is_dir()}
+    folders_before = {folder for folder in (root, root / name, raw) if folder.is_dir()}
     files_before = set(raw.iterdir()) if raw.is_dir() else set()
     try:
-        splits = [MNIST(str(root), train=train, download=True) for train in (True, False)]
+        splits = [getattr(torchvision.datasets, name)(str(root), train=train, download=True) for train in (True, False)]
     except (urllib.error.URLError, OSError, RuntimeError) as error:
-        missing = [name for name in MNIST_FILES if not (raw / name).exists()]
+        missing = [file for file in IDX_FILES if not (raw / file).exists()]
         if not missing:
-            raise DataError(f"could not read MNIST in {raw}: {error}; delete the folder to download it afresh") from error
+            raise DataError(f"could not read {name} in {raw}: {error}; delete the folder to download it afresh") from error
         remove_failed_download(raw, files_before, folders_before)
-        absent = f"--data-dir {root} does not exist" if root not in folders_before else f"MNIST is not in {raw}"
+        absent = f"--data-dir {root} does not exist" if root not in folders_before else f"{name} is not in {raw}"
         raise DataError(
             f"{absent} and could not be downloaded ({type(error).__name__}); "
-            f"put the files {', '.join(MNIST_FILES)} in {raw}, or run offline with --dataset digits"
+            f"put the files {', '.join(IDX_FILES)} in {raw}, or run offline with --dataset digits"
         ) from error
     return tuple(Split(s.data.clone(), s.targets.clone()) for s in splits)
 
@@ -122,22 +130,22 @@ def remove_failed_download(raw: Path, files_before: set[Path], folders_before: s
             folder.rmdir()
 
 
-def check_mnist_files(raw: Path) -> None:
-    """Check MNIST's four IDX files in `raw` from their headers and sizes; DataError naming a bad one."""
+def check_idx_files(raw: Path) -> None:
+    """Check the four IDX files of MNIST or Fashion-MNIST in `raw` from their headers and sizes; DataError naming a bad one."""
     for prefix in ("train", "t10k"):
         images, labels = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
         n_images, n_labels = check_idx_file(images, (IMAGE_SIZE, IMAGE_SIZE)), check_idx_file(labels, ())
         if n_images != n_labels:
-            raise DataError(f"{images} holds {n_images:,} images but {labels} {n_labels:,} labels; delete both to download MNIST afresh")
+            raise DataError(f"{images} holds {n_images:,} images but {labels} {n_labels:,} labels; delete both to download them afresh")
 
 
 def check_idx_file(path: Path, item_shape: tuple[int, ...]) -> int:
     """The number of items in `path`, an uncompressed IDX file of uint8 items of `item_shape`
-    as MNIST ships them: a magic number (0, 0, 0x08 for uint8, number of dimensions), one
+    as MNIST and Fashion-MNIST ship them: a magic number (0, 0, 0x08 for uint8, number of dimensions), one
     big-endian uint32 size per dimension, then the bytes. DataError naming the file otherwise."""
     ndim = 1 + len(item_shape)
     kind = "image" if item_shape else "label"
-    fresh = "delete it to download MNIST afresh"
+    fresh = "delete it to download it afresh"
     try:
         with path.open("rb") as file:
             header = file.read(4 + 4 * ndim)
@@ -145,10 +153,10 @@ def check_idx_file(path: Path, item_shape: tuple[int, ...]) -> int:
     except OSError as error:
         raise DataError(f"cannot read {path}: {error.strerror}") from error
     if len(header) < 4 + 4 * ndim or header[:4] != bytes((0, 0, 0x08, ndim)):
-        raise DataError(f"{path} is not an MNIST {kind} file; {fresh}")
+        raise DataError(f"{path} is not an IDX {kind} file as MNIST ships them; {fresh}")
     count, *shape = struct.unpack(f">{ndim}I", header[4:])
     if tuple(shape) != item_shape:
-        raise DataError(f"{path} holds items of shape {tuple(shape)}, not MNIST's {item_shape}; {fresh}")
+        raise DataError(f"{path} holds items of shape {tuple(shape)}, not {item_shape}; {fresh}")
     expected = len(header) + count * math.prod(item_shape)
     if size != expected:
         problem = "is truncated" if size < expected else "is longer than its header says"
@@ -177,12 +185,28 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() / 255.0 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
 
 
+@dataclass
+class Augmentation:
+    """How training images are varied, each its own way, on the device: the small changes of
+    handwriting or photography that the data set lacks."""
+
+    max_shift: float = 2.0  # pixels
+    max_rotation: float = 10.0  # degrees
+    max_scale: float = 0.1  # scaled by up to a factor 1 +- max_scale
+    flip: bool = False  # mirror half the images left to right: right for clothes, wrong for digits
+    erase: float = 0.0  # the share of images in which a random rectangle is blanked (random erasing, Zhong et al., 2020)
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        moved = random_affine(images, self.max_shift, self.max_rotation, self.max_scale, generator, self.flip)
+        return random_erase(moved, self.erase, generator) if self.erase > 0 else moved
+
+
 def random_affine(
-    images: torch.Tensor, max_shift: float, max_rotation: float, max_scale: float, generator: torch.Generator
+    images: torch.Tensor, max_shift: float, max_rotation: float, max_scale: float, generator: torch.Generator, flip: bool = False
 ) -> torch.Tensor:
     """Move each (N, H, W) uint8 image by its own random shift (up to `max_shift` pixels),
     rotation (up to `max_rotation` degrees) and scaling (by up to a factor 1 +- `max_scale`),
-    zero-filled: the small variations of handwriting that MNIST's digits lack."""
+    and mirror half of them if `flip`; zero-filled."""
     n, h, w = images.shape
     u = torch.rand(4, n, device=images.device, generator=generator) * 2 - 1  # (4, N) uniform in [-1, 1]
     angle = u[0] * math.radians(max_rotation)
@@ -191,9 +215,27 @@ def random_affine(
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     shift_x, shift_y = u[2] * 2 * max_shift / w, u[3] * 2 * max_shift / h  # in [-1, 1] image coordinates
     theta = torch.stack([torch.stack([cos, -sin, shift_x], dim=1), torch.stack([sin, cos, shift_y], dim=1)], dim=1)  # (N, 2, 3)
+    if flip:  # reading column -x for column x mirrors the image
+        theta[:, :, 0] *= torch.where(torch.rand(n, device=images.device, generator=generator) < 0.5, -1.0, 1.0)[:, None]
     grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
     moved = F.grid_sample(images[:, None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return moved[:, 0].round().clamp(0, 255).to(torch.uint8)
+
+
+def random_erase(images: torch.Tensor, probability: float, generator: torch.Generator) -> torch.Tensor:
+    """Blank a random rectangle, of 2% to 33% of the image and an aspect ratio of 0.3 to 3.3,
+    in each (N, H, W) image with the given probability: the model must recognise a garment
+    from any of its parts."""
+    n, h, w = images.shape
+    u = torch.rand(5, n, device=images.device, generator=generator)
+    area = (0.02 + 0.31 * u[0]) * h * w
+    aspect = torch.exp(math.log(0.3) + u[1] * (math.log(3.3) - math.log(0.3)))
+    height, width = (area * aspect).sqrt().clamp(max=h), (area / aspect).sqrt().clamp(max=w)
+    top, left = u[2] * (h - height), u[3] * (w - width)
+    rows, cols = torch.arange(h, device=images.device)[None, :, None], torch.arange(w, device=images.device)[None, None, :]
+    inside_rows = (rows >= top[:, None, None]) & (rows < (top + height)[:, None, None])
+    inside_cols = (cols >= left[:, None, None]) & (cols < (left + width)[:, None, None])
+    return images.masked_fill(inside_rows & inside_cols & (u[4] < probability)[:, None, None], 0)
 
 
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -202,9 +244,10 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Ite
     return (order[start : start + batch_size] for start in range(0, n - batch_size + 1, batch_size))
 
 
-def load_user_image(path: Path) -> torch.Tensor:
-    """An image file -> (28, 28) uint8 in MNIST's style; ImageError with the reason when impossible."""
-    return to_mnist_style(read_image_file(path))
+def load_user_image(path: Path, dataset: str = "mnist") -> torch.Tensor:
+    """An image file -> (28, 28) uint8 in the style of the data set's images; ImageError with the reason when impossible."""
+    picture = read_image_file(path)
+    return to_fashion_style(picture) if dataset == "fashion" else to_mnist_style(picture)
 
 
 def read_image_file(path: Path) -> Image.Image:
@@ -228,11 +271,10 @@ def read_image_file(path: Path) -> Image.Image:
         raise ImageError(f"the picture is damaged or truncated ({type(error).__name__}: {error})") from error
 
 
-def to_mnist_style(image: Image.Image) -> torch.Tensor:
-    """A PIL image of a digit, dark on light or light on dark, any size and mode ->
-    (28, 28) uint8 as MNIST was made: white ink on black, the ink fitted into
-    20x20 keeping its aspect ratio and centred by its centre of mass.
-    ImageError says why when there is no digit to be found."""
+def bright_on_black(image: Image.Image, thing: str) -> np.ndarray:
+    """A PIL picture of one thing (a digit, a garment), dark on light or light on dark, any size and
+    mode -> (H, W) float in [0, 1]: the thing bright on black, as MNIST and Fashion-MNIST hold them,
+    cropped to it. ImageError says why when no `thing` is to be found."""
     if image.width == 0 or image.height == 0:
         raise ImageError(f"the picture has no pixels ({image.width}x{image.height})")
     image = ImageOps.exif_transpose(image)
@@ -254,27 +296,49 @@ def to_mnist_style(image: Image.Image) -> torch.Tensor:
         paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         pixels = np.asarray(Image.alpha_composite(paper, rgba).convert("L"), dtype=np.float64)
     background = np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]))  # the paper, at the border
-    if background - pixels.min() > pixels.max() - background:  # ink darker than the paper: make it the bright part, as in MNIST
+    if background - pixels.min() > pixels.max() - background:  # darker than the paper: make it the bright part
         pixels, background = 255.0 - pixels, 255.0 - background
     contrast = pixels.max() - background
     if contrast < 32:
-        raise ImageError("no digit found: the picture is blank or has too little contrast")
-    ink = np.clip((pixels - background) / contrast, 0.0, 1.0)
+        raise ImageError(f"no {thing} found: the picture is blank or has too little contrast")
+    bright = np.clip((pixels - background) / contrast, 0.0, 1.0)
+    rows, cols = np.nonzero(bright > 0.2)
+    return bright[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
 
-    rows, cols = np.nonzero(ink > 0.2)
-    ink = ink[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
-    height, width = ink.shape
-    scale = 20.0 / max(height, width)
+
+def resized(picture: np.ndarray, longest: int) -> np.ndarray:
+    """(H, W) in [0, 1] -> scaled to `longest` pixels on its longer side, keeping its aspect ratio, in [0, 255]."""
+    height, width = picture.shape
+    scale = longest / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    digit = np.asarray(Image.fromarray((ink * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS), dtype=np.float64)
+    return np.asarray(Image.fromarray((picture * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS), dtype=np.float64)
 
+
+def placed(picture: np.ndarray, top: float, left: float) -> torch.Tensor:
+    """`picture` put on a black 28x28 canvas at (top, left), rounded and kept inside, as uint8."""
+    top = int(np.clip(round(top), 0, IMAGE_SIZE - picture.shape[0]))
+    left = int(np.clip(round(left), 0, IMAGE_SIZE - picture.shape[1]))
     canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE))
+    canvas[top : top + picture.shape[0], left : left + picture.shape[1]] = picture
+    return torch.from_numpy(canvas.clip(0, 255).round().astype(np.uint8))
+
+
+def to_mnist_style(image: Image.Image) -> torch.Tensor:
+    """A PIL image of a digit -> (28, 28) uint8 as MNIST was made: white ink on black, the ink
+    fitted into 20x20 keeping its aspect ratio and centred by its centre of mass.
+    ImageError says why when there is no digit to be found."""
+    digit = resized(bright_on_black(image, "digit"), 20)
     total = digit.sum()
     if total == 0:
         raise ImageError("no digit found: the ink vanished when scaled to 20x20")
     grid_rows, grid_cols = np.indices(digit.shape)
     com_row, com_col = (grid_rows * digit).sum() / total, (grid_cols * digit).sum() / total
-    top = int(np.clip(round(IMAGE_SIZE / 2 - com_row), 0, IMAGE_SIZE - digit.shape[0]))
-    left = int(np.clip(round(IMAGE_SIZE / 2 - com_col), 0, IMAGE_SIZE - digit.shape[1]))
-    canvas[top : top + digit.shape[0], left : left + digit.shape[1]] = digit
-    return torch.from_numpy(canvas.clip(0, 255).round().astype(np.uint8))
+    return placed(digit, IMAGE_SIZE / 2 - com_row, IMAGE_SIZE / 2 - com_col)
+
+
+def to_fashion_style(image: Image.Image) -> torch.Tensor:
+    """A PIL photo of one garment -> (28, 28) uint8 as Fashion-MNIST was made: grey, the garment
+    bright on black, its longer side scaled to 28 pixels and centred. ImageError says why when
+    there is nothing to be found."""
+    garment = resized(bright_on_black(image, "garment"), IMAGE_SIZE)
+    return placed(garment, (IMAGE_SIZE - garment.shape[0]) / 2, (IMAGE_SIZE - garment.shape[1]) / 2)

@@ -41,7 +41,8 @@ class Gallery:
     name: str  # "test" or "validation"
     split: Split
     image_features: torch.Tensor  # (N, D), unit norm
-    text_features: torch.Tensor  # (10, D), the digit captions
+    text_features: torch.Tensor  # (10, D), the class captions
+    class_names: tuple[str, ...] = figures.DIGITS
     template_sets: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (10, D), each digit's captions averaged
     prompts: dict[str, torch.Tensor] = field(default_factory=dict)  # free text -> (D,)
     attribute_queries: CaptionQueries | None = None
@@ -96,14 +97,15 @@ def nearest_images(queries: torch.Tensor, gallery: torch.Tensor, exclude: torch.
     return top.indices, top.values
 
 
-def print_metrics(metrics: dict, n_images: int) -> None:
+def print_metrics(metrics: dict, n_images: int, names: tuple[str, ...]) -> None:
     zero_shot, text_to_image = metrics["zero_shot"], metrics["text_to_image"]
     print(f"zero-shot classification: top-1 {zero_shot['top1_accuracy']:.2%}, top-2 {zero_shot['top2_accuracy']:.2%}")
-    per_digit = (f"{d}:{'absent' if a is None else f'{a:.2%}'}" for d, a in enumerate(zero_shot["per_digit_accuracy"]))
-    print("  accuracy per digit  " + "  ".join(per_digit))
-    print("  confusion matrix (rows: true digit, columns: predicted)")
-    for digit, row in enumerate(zero_shot["confusion_matrix"]):
-        print(f"    {digit}: " + " ".join(f"{count:5d}" for count in row))
+    per_class = (f"{name}:{'absent' if a is None else f'{a:.2%}'}" for name, a in zip(names, zero_shot["per_digit_accuracy"], strict=True))
+    print("  accuracy per class  " + "  ".join(per_class))
+    print("  confusion matrix (rows: true class, columns: predicted)")
+    width = max(map(len, names))
+    for name, row in zip(names, zero_shot["confusion_matrix"], strict=True):
+        print(f"    {name:>{width}}: " + " ".join(f"{count:5d}" for count in row))
     image_to_image = metrics["image_to_image"]
     retrieval = ", ".join(f"{name} {value:.2%}" for name, value in image_to_image.items() if name != "hubness")
     print(f"image-to-image retrieval by cosine (each image queries the {n_images - 1:,} others): {retrieval}")
@@ -114,16 +116,16 @@ def print_metrics(metrics: dict, n_images: int) -> None:
     )
     for name, ranking in (("text_to_image", "centred embeddings"), ("text_to_image_by_cosine", "plain cosine")):
         at_k = ", ".join(f"{k} {value:.2%}" for k, value in metrics[name].items() if "@" in k)
-        print(f"text-to-image retrieval by {ranking} (mean over digits): {at_k}")
+        print(f"text-to-image retrieval by {ranking} (mean over classes): {at_k}")
     print(f"  mean rank of the first correct image {text_to_image['mean_first_correct_rank']:.2f}")
     gap = metrics["modality_gap"]
     print(
-        f"  modality gap: each caption lies {mean_of_present(gap['caption_to_centroid']):.3f} (cosine distance) from its digit's image centroid, "
+        f"  modality gap: each caption lies {mean_of_present(gap['caption_to_centroid']):.3f} (cosine distance) from its class's image centroid, "
         f"its images {mean_of_present(gap['image_to_centroid']):.3f}; the images a caption retrieves are more typical than "
-        f"{100 - gap['mean_returned_percentile']:.0f}% of their digit ({100 - gap['mean_returned_percentile_by_cosine']:.0f}% by plain cosine)"
+        f"{100 - gap['mean_returned_percentile']:.0f}% of their class ({100 - gap['mean_returned_percentile_by_cosine']:.0f}% by plain cosine)"
     )
     image_to_text, similarity = metrics["image_to_text"], metrics["similarity"]
-    print(f"image-to-text: recall@1 {image_to_text['recall@1']:.2%}, mean rank of the correct digit {image_to_text['mean_rank']:.3f}")
+    print(f"image-to-text: recall@1 {image_to_text['recall@1']:.2%}, mean rank of the correct class {image_to_text['mean_rank']:.3f}")
     print(
         f"cosine similarity: matching image-text pairs {similarity['matching']:+.3f}, "
         f"non-matching {similarity['non_matching']:+.3f}, gap {similarity['gap']:.3f}"
@@ -137,7 +139,7 @@ def evaluate(gallery: Gallery, state: dict, output_dir: Path) -> dict:
     split, image_features, text_features = gallery.split, gallery.image_features.cpu(), gallery.text_features.cpu()
     labels = split.labels
     metrics = evaluate_embeddings(image_features, text_features, labels) | evaluate_captions(gallery)
-    print_metrics(metrics, len(split))
+    print_metrics(metrics, len(split), gallery.class_names)
     print_captions(metrics)
     suffix = "" if gallery.name == "test" else "_val"
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +157,9 @@ def evaluate(gallery: Gallery, state: dict, output_dir: Path) -> dict:
     similarities = image_features @ text_features.T
     predictions = similarities.argmax(dim=1)
     save(
-        figures.plot_similarity_matrix(split.images[:SIMILARITY_ROWS], labels[:SIMILARITY_ROWS], similarities[:SIMILARITY_ROWS]),
+        figures.plot_similarity_matrix(
+            split.images[:SIMILARITY_ROWS], labels[:SIMILARITY_ROWS], similarities[:SIMILARITY_ROWS], names=gallery.class_names
+        ),
         "similarity_matrix",
     )
 
@@ -163,38 +167,39 @@ def evaluate(gallery: Gallery, state: dict, output_dir: Path) -> dict:
         prompt_features = torch.stack(list(gallery.prompts.values())).cpu()
         rows = slice(0, SIMILARITY_ROWS)
         figure = figures.plot_similarity_matrix(
-            split.images[rows], labels[rows], image_features[rows] @ prompt_features.T, list(gallery.prompts)
+            split.images[rows], labels[rows], image_features[rows] @ prompt_features.T, list(gallery.prompts), gallery.class_names
         )
         save(figure, "prompt_similarity")
     if gallery.attribute_queries is not None:
         words = ATTRIBUTE_WORDS["en"]
         save(figures.plot_attribute_bins(split.images, gallery.attribute_queries.properties.cpu(), words), "attribute_bins")
 
-    queries = torch.stack([(labels == digit).nonzero()[0, 0] for digit in labels.unique()])  # the first image of each digit
+    names = gallery.class_names
+    queries = torch.stack([(labels == label).nonzero()[0, 0] for label in labels.unique()])  # the first image of each class
     nearest, cosines = nearest_images(image_features[queries], image_features, exclude=queries)
-    query_titles = [f"query ({label})" for label in labels[queries].tolist()]
+    query_titles = [f"query ({names[label]})" for label in labels[queries].tolist()]
     figure = figures.plot_retrieval(
-        list(split.images[queries]), split.images[nearest], labels[nearest], cosines, labels[queries].tolist(), query_titles
+        list(split.images[queries]), split.images[nearest], labels[nearest], cosines, labels[queries].tolist(), query_titles, names
     )
     save(figure, "image_retrieval")
 
-    digits = list(range(len(text_features)))
+    classes = list(range(len(text_features)))
     for name, images, texts in (
         ("text_retrieval", centred(image_features), centred(text_features)),
         ("text_retrieval_by_cosine", image_features, text_features),
     ):
         top = (texts @ images.T).topk(TOP_K)
-        captions = [f'"{d}"' for d in digits]
-        save(
-            figures.plot_retrieval(captions, split.images[top.indices], labels[top.indices], top.values, digits, ["caption"] * len(digits)),
-            name,
+        captions = [f'"{names[c]}"' for c in classes]
+        figure = figures.plot_retrieval(
+            captions, split.images[top.indices], labels[top.indices], top.values, classes, ["caption"] * len(classes), names
         )
+        save(figure, name)
 
     sample = torch.randperm(len(split), generator=torch.Generator().manual_seed(0))[:TSNE_POINTS]
-    save(figures.plot_tsne(image_features[sample], labels[sample], text_features), "tsne")
-    save(figures.plot_confusion_matrix(metrics["zero_shot"]["confusion_matrix"]), "confusion_matrix")
+    save(figures.plot_tsne(image_features[sample], labels[sample], text_features, names), "tsne")
+    save(figures.plot_confusion_matrix(metrics["zero_shot"]["confusion_matrix"], names), "confusion_matrix")
     wrong = (predictions != labels).nonzero()[:MISCLASSIFIED_SHOWN, 0]
-    save(figures.plot_misclassified(split.images[wrong], labels[wrong], predictions[wrong]), "misclassified")
+    save(figures.plot_misclassified(split.images[wrong], labels[wrong], predictions[wrong], names), "misclassified")
     save(figures.plot_training_curves(state["history"]), "training_curves")
 
     # The projector shows every embedding in 3-D (PCA, t-SNE or UMAP), each point drawn as its digit.

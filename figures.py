@@ -22,6 +22,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 DPI = 90  # small PNGs that still read well
+DIGITS = tuple(str(digit) for digit in range(10))  # the class names of digit data sets; others pass their own
 # Chinese captions need a font with its glyphs: matplotlib takes each glyph from the first font of
 # the list that has it. Without any of these, Chinese shows as empty boxes (Debian: apt install fonts-noto-cjk).
 CJK_FONTS = ("Noto Sans CJK SC", "Source Han Sans SC", "Microsoft YaHei", "SimHei", "PingFang SC", "WenQuanYi Zen Hei")
@@ -55,6 +56,7 @@ def plot_retrieval(
     scores: torch.Tensor,
     expected: list[int | None],
     query_titles: list[str],
+    names: tuple[str, ...] = DIGITS,
 ) -> Figure:
     """One row per query (a digit image, or a caption as text) and its K nearest test images
     (images: (Q, K, 28, 28); labels, scores: (Q, K)), each titled with its digit and cosine
@@ -69,13 +71,17 @@ def plot_retrieval(
         else:
             show_digit(axes[row, 0], query, title)
         for axis, image, label, score in zip(axes[row, 1:], images[row], labels[row].tolist(), scores[row].tolist(), strict=True):
-            show_digit(axis, image, f"{label} ({score:.2f})", color="black" if target in (None, label) else "red")
+            show_digit(axis, image, f"{names[label]} ({score:.2f})", color="black" if target in (None, label) else "red")
     figure.tight_layout()
     return figure
 
 
 def plot_similarity_matrix(
-    images: torch.Tensor, labels: torch.Tensor, similarities: torch.Tensor, prompts: list[str] | None = None
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    similarities: torch.Tensor,
+    prompts: list[str] | None = None,
+    names: tuple[str, ...] = DIGITS,
 ) -> Figure:
     """Cosine similarity of a batch of images (rows, drawn at the left) with the ten digit captions
     (columns), each row named by its true and predicted digit; or, given `prompts`, with those
@@ -89,23 +95,25 @@ def plot_similarity_matrix(
     # The images stacked into one column, each filling the height of its heatmap row.
     image_axis.imshow(images.reshape(-1, images.shape[-1]).cpu().numpy(), cmap="gray", extent=(0, 1, n - 0.5, -0.5), aspect="auto")
     image_axis.set_xticks([])
-    names = [f"a {t}" if wide else f"true {t}, pred {p}" for t, p in zip(labels.tolist(), predictions, strict=True)]
-    image_axis.set_yticks(range(n), names, fontsize=8)
+    rows = [f"a {names[t]}" if wide else f"true {names[t]}, pred {names[p]}" for t, p in zip(labels.tolist(), predictions, strict=True)]
+    image_axis.set_yticks(range(n), rows, fontsize=8)
     for tick, true, predicted in zip(image_axis.get_yticklabels(), labels.tolist(), predictions, strict=True):
         tick.set_color("black" if wide or true == predicted else "red")
     heat = heat_axis.imshow(similarities.cpu().numpy(), cmap="viridis", aspect="auto")
     for row, col in np.ndindex(*similarities.shape):
         value = similarities[row, col].item()
         heat_axis.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=6, color="black" if value > 0.5 else "white")
-    columns = prompts if wide else [f'"{d}"' for d in range(similarities.shape[1])]
+    columns = prompts if wide else [f'"{name}"' for name in names]
     heat_axis.set_xticks(range(similarities.shape[1]), columns, rotation=35 if wide else 0, ha="left" if wide else "center", fontsize=8)
     heat_axis.xaxis.tick_top()
-    heat_axis.set_title(f"cosine similarity of test images with {'free-text prompts' if wide else 'the digit captions'}", fontsize=10)
+    heat_axis.set_title(f"cosine similarity of test images with {'free-text prompts' if wide else 'the class captions'}", fontsize=10)
     figure.colorbar(heat, ax=heat_axis, fraction=0.04)
     return figure
 
 
-def plot_tsne(image_features: torch.Tensor, labels: torch.Tensor, text_features: torch.Tensor, seed: int = 0) -> Figure:
+def plot_tsne(
+    image_features: torch.Tensor, labels: torch.Tensor, text_features: torch.Tensor, names: tuple[str, ...] = DIGITS, seed: int = 0
+) -> Figure:
     """A 2-D t-SNE map of image embeddings, coloured by digit, with the caption embeddings
     mapped alongside as numbered stars. t-SNE keeps neighbourhoods, not distances: tight,
     separate clusters are the point, their sizes and the gaps between them mean little."""
@@ -127,7 +135,7 @@ def plot_tsne(image_features: torch.Tensor, labels: torch.Tensor, text_features:
     for digit, (x, y) in enumerate(texts_2d):
         axis.scatter(x, y, marker="*", s=400, color=colours(digit), edgecolors="black", linewidths=1.2)
         axis.annotate(
-            f'"{digit}"',
+            f'"{names[digit]}"',
             (x, y),
             xytext=(9, 5),
             textcoords="offset points",
@@ -135,39 +143,44 @@ def plot_tsne(image_features: torch.Tensor, labels: torch.Tensor, text_features:
             weight="bold",
             bbox={"fc": "white", "ec": "none", "alpha": 0.7},
         )
-    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colours(d), label=str(d)) for d in range(10)]
-    axis.legend(handles=handles, title="digit", loc="center left", bbox_to_anchor=(1, 0.5), fontsize=8)
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colours(d), label=name) for d, name in enumerate(names)]
+    axis.legend(handles=handles, title="class", loc="center left", bbox_to_anchor=(1, 0.5), fontsize=8)
     axis.set_title(f"t-SNE of {len(image_features):,} test image embeddings; stars: the captions", fontsize=10)
     axis.set_xticks([])
     axis.set_yticks([])
     return figure
 
 
-def plot_confusion_matrix(confusion: list[list[int]]) -> Figure:
-    """Counts of (true digit, predicted digit); a log colour scale keeps the few errors visible beside the diagonal."""
+def plot_confusion_matrix(confusion: list[list[int]], names: tuple[str, ...] = DIGITS) -> Figure:
+    """Counts of (true class, predicted class); a log colour scale keeps the few errors visible beside the diagonal."""
     counts = np.asarray(confusion)
     figure, axis = plt.subplots(figsize=(5.5, 5))
     axis.imshow(np.ma.masked_equal(counts, 0), cmap="Blues", norm=LogNorm(vmin=1, vmax=max(counts.max(), 1)))
     for (row, col), count in np.ndenumerate(counts):
         if count:
             axis.text(col, row, str(count), ha="center", va="center", fontsize=7, color="white" if row == col else "black")
-    axis.set_xticks(range(len(counts)))
-    axis.set_yticks(range(len(counts)))
-    axis.set_xlabel("predicted digit")
-    axis.set_ylabel("true digit")
+    wide = max(map(len, names)) > 2
+    axis.set_xticks(range(len(counts)), names, rotation=45 if wide else 0, ha="right" if wide else "center")
+    axis.set_yticks(range(len(counts)), names)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
     axis.set_title(f"zero-shot confusion matrix ({counts.sum() - np.trace(counts)} errors in {counts.sum():,})", fontsize=10)
     return figure
 
 
-def plot_misclassified(images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor, columns: int = 10) -> Figure:
+def plot_misclassified(
+    images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor, names: tuple[str, ...] = DIGITS, columns: int = 10
+) -> Figure:
     """A gallery of misclassified images, each titled "true -> predicted"."""
     rows = max(1, -(-len(images) // columns))
     figure, axes = plt.subplots(rows, columns, figsize=(1.1 * columns, 1.25 * rows), squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for axis, image, label, predicted in zip(axes.flat, images, labels.tolist(), predictions.tolist(), strict=False):
-        show_digit(axis, image, f"{label} -> {predicted}", color="red")
-    figure.suptitle("misclassified test images: true -> predicted digit", fontsize=10)
+        show_digit(
+            axis, image, f"{names[label]} ->\n{names[predicted]}" if len(names[label]) > 2 else f"{label} -> {predicted}", color="red"
+        )
+    figure.suptitle("misclassified test images: true -> predicted", fontsize=10)
     figure.tight_layout()
     return figure
 

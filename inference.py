@@ -24,7 +24,7 @@ import figures
 from captions import attribute_queries, image_properties, stroke_edges, template_sets
 from checkpoint import CheckpointError, latest_run, load_model
 from clip import CLIP
-from dataset import DATASETS, DataError, ImageError, load_splits, load_user_image
+from dataset import CLASS_NAMES, DATASETS, DataError, ImageError, load_splits, load_user_image
 from evaluation import TOP_K, CaptionQueries, Gallery, evaluate, nearest_images
 from metrics import centred, zero_shot_classification
 from text_encoder import DIGIT_CAPTIONS, TextError, normalize_text
@@ -144,7 +144,9 @@ def classify_and_retrieve(
     nearest, cosines = nearest[0].cpu(), cosines.cpu()
     predicted, labels = int(probabilities.argmax()), gallery.split.labels[nearest]
     expected, title = predicted if classes.are_labels else None, f"query\npredicted {classes.names[predicted]}"
-    figure = figures.plot_retrieval([image], gallery.split.images[nearest][None], labels[None], cosines, [expected], [title])
+    figure = figures.plot_retrieval(
+        [image], gallery.split.images[nearest][None], labels[None], cosines, [expected], [title], gallery.class_names
+    )
     figures.save(figure, figure_path)
     print(f"  top-{TOP_K} similar {gallery.name} images: labels {labels.tolist()}, figure {figure_path}")
     return {
@@ -162,18 +164,20 @@ def show_split_image(model: CLIP, gallery: Gallery, classes: Classes, index: int
     split = gallery.split
     if not 0 <= index < len(split):
         raise SystemExit(f"error: --index {index} is outside the {gallery.name} split: pick 0 to {len(split) - 1}")
-    name = f"{gallery.name} image {index} (a {split.labels[index]})"
+    name = f"{gallery.name} image {index} (label {gallery.class_names[split.labels[index]]})"
     figure_path = output_dir / f"retrieval_{'' if gallery.name == 'test' else 'val_'}{index}.png"
     return classify_and_retrieve(model, gallery, classes, name, split.images[index], index, precision, figure_path)
 
 
-def show_user_pictures(model: CLIP, gallery: Gallery, classes: Classes, paths: list[Path], precision: str, output_dir: Path) -> list[dict]:
-    """--image: classify the user's own pictures, each converted as MNIST was made; a file that
-    cannot be used is skipped with one line saying why."""
+def show_user_pictures(
+    model: CLIP, gallery: Gallery, classes: Classes, paths: list[Path], dataset: str, precision: str, output_dir: Path
+) -> list[dict]:
+    """--image: classify the user's own pictures, each converted as the data set's images were made;
+    a file that cannot be used is skipped with one line saying why."""
     results, images, stems = [], [], set()
     for path in paths:
         try:
-            image = load_user_image(path)
+            image = load_user_image(path, dataset)
         except ImageError as error:
             print(f"{path}: skipped, {error}")
             continue
@@ -196,7 +200,7 @@ def show_user_pictures(model: CLIP, gallery: Gallery, classes: Classes, paths: l
 @torch.inference_mode()
 def show_caption(model: CLIP, gallery: Gallery, text: str, output_dir: Path) -> Path:
     """--text: the split's images nearest to a caption, by the cosine of embeddings centred on their
-    modality's mean (metrics.centred): the gallery's for the images, the digit captions' for the text."""
+    modality's mean (metrics.centred): the gallery's for the images, the class captions' for the text."""
     if model.config.text_encoder != "digit" and len(normalize_text(text)) > model.config.text_max_length:
         print(f"note: the caption has {len(normalize_text(text)):,} characters; the model reads its first {model.config.text_max_length}")
     query = model.encode_text(model.tokenize([text]).to(gallery.text_features.device))[0]
@@ -204,9 +208,15 @@ def show_caption(model: CLIP, gallery: Gallery, text: str, output_dir: Path) -> 
     top = scores.cpu().topk(TOP_K)
     labels = gallery.split.labels[top.indices]
     shown = text if len(text) <= 40 else text[:39] + "…"
-    expected = int(text) if text in DIGIT_CAPTIONS else None  # red marks a wrong digit only where the caption names one
+    expected = int(text) if text in DIGIT_CAPTIONS else None  # red marks a wrong class only where the caption is a label
     figure = figures.plot_retrieval(
-        [f'"{shown}"'], gallery.split.images[top.indices][None], labels[None], top.values[None], [expected], ["caption"]
+        [f'"{shown}"'],
+        gallery.split.images[top.indices][None],
+        labels[None],
+        top.values[None],
+        [expected],
+        ["caption"],
+        gallery.class_names,
     )
     # A name of the caption's letters and digits; where that drops anything, a hash keeps two captions apart.
     slug = re.sub(r"[^0-9a-z]+", "-", normalize_text(text)).strip("-")[:40]
@@ -225,14 +235,14 @@ def load_gallery(model: CLIP, state: dict, args: argparse.Namespace, precision: 
     dataset, data_dir = args.dataset or state["args"]["dataset"], args.data_dir or state["args"]["data_dir"]
     splits = load_splits(dataset, data_dir, val_size=state["args"]["val_size"] if dataset == state["args"]["dataset"] else 1)
     name, split = ("validation", splits.val) if args.split == "val" else ("test", splits.test)
-    gallery = Gallery(name, split, embed_images(model, split.images, precision), class_embeddings(model))
+    gallery = Gallery(name, split, embed_images(model, split.images, precision), class_embeddings(model), CLASS_NAMES[dataset])
     if model.config.text_encoder == "digit":
         return gallery
 
     def encode(texts: list[str]) -> torch.Tensor:
         return model.encode_text(model.tokenize(texts).to(args.device))
 
-    gallery.template_sets = {name: model.encode_classes(captions.class_captions()) for name, captions in template_sets().items()}
+    gallery.template_sets = {name: model.encode_classes(captions.class_captions()) for name, captions in template_sets(dataset).items()}
     gallery.prompts = dict(zip(PROMPTS, encode(list(PROMPTS)), strict=True))
     if state["args"].get("captions") == "attributes":
         queries, held_out = attribute_queries()
@@ -257,11 +267,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"zero-shot accuracy on the {len(gallery.split):,} {gallery.name} images: {accuracy:.2%}")
     if args.evaluate:
         return {"accuracy": accuracy, "metrics": evaluate(gallery, state, output_dir)}
-    classes = Classes([str(digit) for digit in range(10)], gallery.text_features)
+    classes = Classes(list(gallery.class_names), gallery.text_features)
     if args.labels is not None:
         classes = user_classes(model, args.labels, args.template)
     if args.image:
-        queries = show_user_pictures(model, gallery, classes, args.image, precision, output_dir)
+        queries = show_user_pictures(model, gallery, classes, args.image, state["args"]["dataset"], precision, output_dir)
     else:
         queries = [show_split_image(model, gallery, classes, args.index, precision, output_dir)]
     if args.text is not None:

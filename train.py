@@ -35,7 +35,7 @@ from tqdm import tqdm
 from captions import CAPTION_KINDS, Captions, image_properties, stroke_edges, training_captions
 from checkpoint import RUNS_DIR, CheckpointError, RandomState, RunState, latest_run, load_checkpoint, load_model, save_checkpoint
 from clip import CLIP, CLIPConfig, clip_loss
-from dataset import DATASETS, DataError, Split, load_splits, normalize, random_affine, shuffled_batches
+from dataset import DATASETS, Augmentation, DataError, Split, load_splits, normalize, shuffled_batches
 from text_encoder import TEXT_ENCODERS, CharTokenizer
 from utils import (
     PRECISIONS,
@@ -47,6 +47,7 @@ from utils import (
     pick_device,
     positive_float,
     positive_int,
+    probability,
     resolve_precision,
     seed_everything,
     zero_shot_accuracy,
@@ -59,8 +60,20 @@ PER_PROCESS_ARGS = ("resume", "run_name", "runs_dir", "device")
 CHANGEABLE_ARGS = (*PER_PROCESS_ARGS, "precision", "data_dir", "log_interval")
 
 
-# The offline digits are 1,797 images: smaller batches give them enough steps.
-DATASET_DEFAULTS = {"mnist": {"val_size": 5000, "batch_size": 512}, "digits": {"val_size": 300, "batch_size": 128}}
+# What each data set's runs take for the settings the command line leaves out: MNIST's, and how
+# the others differ. The offline digits are 1,797 images: smaller batches give them enough steps.
+# Clothes are mirrored, digits never.
+MNIST_DEFAULTS = dict(epochs=14, val_size=5000, batch_size=512, max_shift=2.0, max_rotation=10.0, max_scale=0.1, flip=False, erase=0.0)
+DATASET_DEFAULTS = {
+    "mnist": MNIST_DEFAULTS,
+    "fashion": MNIST_DEFAULTS | {"max_rotation": 0.0, "flip": True, "erase": 0.5},
+    "digits": MNIST_DEFAULTS | {"val_size": 300, "batch_size": 128},
+}
+
+
+def per_dataset(setting: str) -> str:
+    """How --help states a default that depends on the data set."""
+    return "default: " + ", ".join(f"{DATASET_DEFAULTS[dataset][setting]} for {dataset}" for dataset in DATASET_DEFAULTS)
 
 
 class TrainingError(RuntimeError):
@@ -71,18 +84,37 @@ def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) 
     """The command line's settings; `run_defaults` (a resumed run's) replace the built-in defaults."""
     defaults = CLIPConfig()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--epochs", type=positive_int, default=14, help="passes over the training split")
-    p.add_argument(
-        "--batch-size", type=positive_int, default=None, help="image-text pairs per step (default: 512 for mnist, 128 for digits)"
-    )
+    p.add_argument("--epochs", type=positive_int, default=None, help=f"passes over the training split ({per_dataset('epochs')})")
+    p.add_argument("--batch-size", type=positive_int, default=None, help=f"image-text pairs per step ({per_dataset('batch_size')})")
     p.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate of the one-cycle schedule")
     p.add_argument("--weight-decay", type=non_negative_float, default=5e-4, help="AdamW weight decay on weight matrices and kernels")
     p.add_argument(
         "--ema-decay", type=decay, default=0.99, help="decay of the weights' moving average that is evaluated and saved (0: none)"
     )
-    p.add_argument("--max-shift", type=float, default=2.0, help="random translation of training images, in pixels")
-    p.add_argument("--max-rotation", type=float, default=10.0, help="random rotation of training images, in degrees")
-    p.add_argument("--max-scale", type=float, default=0.1, help="random scaling of training images, as a fraction")
+    p.add_argument(
+        "--max-shift",
+        type=non_negative_float,
+        default=None,
+        help=f"random translation of training images, in pixels ({per_dataset('max_shift')})",
+    )
+    p.add_argument(
+        "--max-rotation",
+        type=non_negative_float,
+        default=None,
+        help=f"random rotation of training images, in degrees ({per_dataset('max_rotation')})",
+    )
+    p.add_argument(
+        "--max-scale",
+        type=non_negative_float,
+        default=None,
+        help=f"random scaling of training images, as a fraction ({per_dataset('max_scale')})",
+    )
+    p.add_argument(
+        "--flip", action=argparse.BooleanOptionalAction, default=None, help=f"mirror half the training images ({per_dataset('flip')})"
+    )
+    p.add_argument(
+        "--erase", type=probability, default=None, help=f"share of training images with a random rectangle blanked ({per_dataset('erase')})"
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed of initialisation, data order and augmentation")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to train")
     p.add_argument(
@@ -92,7 +124,9 @@ def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) 
         help="auto: bf16 mixed precision where the hardware runs it natively (CUDA GPUs with bf16, CPUs with AVX512_BF16 or AMX), fp32 elsewhere",
     )
     p.add_argument("--no-amp", dest="precision", action="store_const", const="fp32", help="the same as --precision fp32")
-    p.add_argument("--dataset", choices=DATASETS, default="mnist", help="mnist, or digits (scikit-learn's, offline)")
+    p.add_argument(
+        "--dataset", choices=DATASETS, default="mnist", help="mnist, fashion (Fashion-MNIST), or digits (scikit-learn's, offline)"
+    )
     p.add_argument("--data-dir", default="data", help="folder that holds (or receives) MNIST")
     p.add_argument(
         "--val-size",
@@ -124,9 +158,6 @@ def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) 
     p.add_argument("--dry-run", action="store_true", help="check the pipeline: one epoch of two steps")
     p.set_defaults(**(run_defaults or {}))
     args = p.parse_args(argv)
-    for flag in ("max_shift", "max_rotation", "max_scale"):
-        if getattr(args, flag) < 0:
-            p.error(f"argument --{flag.replace('_', '-')}: must be zero or positive, got {getattr(args, flag)}")
     for name, value in DATASET_DEFAULTS[args.dataset].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -309,9 +340,10 @@ def train_one_epoch(loop: Loop, state: RunState, average: MovingAverage, data: C
         desc=f"epoch {state.epoch + 1}/{loop.epochs}",
         leave=False,
     )
+    augment = Augmentation(args.max_shift, args.max_rotation, args.max_scale, args.flip, args.erase)
     model.train()
     for batch in progress:
-        images = random_affine(data.split.images[batch], args.max_shift, args.max_rotation, args.max_scale, state.rng.augment)
+        images = augment(data.split.images[batch], state.rng.augment)
         describes = data.captions.describes(data.properties[batch])  # (B, K): which captions describe which image
         captions = torch.multinomial(describes.float(), 1, generator=state.rng.captions)[:, 0]  # one of them per image
         distinct, column = captions.unique(return_inverse=True)  # a caption that several images drew is encoded once
@@ -428,7 +460,7 @@ def run(argv: list[str] | None, stop: GracefulStop) -> dict:
     epochs = 1 if args.dry_run else args.epochs
     if steps_per_epoch == 0:
         raise SystemExit(f"error: --batch-size {args.batch_size} exceeds the {len(train_split)} training images: lower it")
-    captions = training_captions(args.captions)
+    captions = training_captions(args.captions, args.dataset)
     # A resumed run is rebuilt from its checkpoint's config, which holds what the model was.
     config = CLIPConfig.from_dict(checkpoint["config"]) if checkpoint else model_config(args, captions)
     state, average = new_run(args, config, epochs * steps_per_epoch)

@@ -44,6 +44,13 @@ def decay(text: str) -> float:
     return value
 
 
+def probability(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 1, got {text}")
+    return value
+
+
 def int_tuple(text: str) -> tuple[int, ...]:
     try:
         values = tuple(positive_int(part) for part in text.split(","))

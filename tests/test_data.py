@@ -8,7 +8,18 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from dataset import MNIST_FILES, DataError, load_mnist, load_splits, random_affine, to_mnist_style
+from dataset import (
+    CLASS_NAMES,
+    IDX_FILES,
+    Augmentation,
+    DataError,
+    load_idx_dataset,
+    load_splits,
+    random_affine,
+    random_erase,
+    to_fashion_style,
+    to_mnist_style,
+)
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -17,8 +28,8 @@ def write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
-def write_tiny_mnist(root: Path, n_train: int = 40, n_test: int = 20) -> None:
-    raw = root / "MNIST" / "raw"
+def write_tiny_mnist(root: Path, n_train: int = 40, n_test: int = 20, folder: str = "MNIST") -> None:
+    raw = root / folder / "raw"
     raw.mkdir(parents=True)
     rng = np.random.default_rng(0)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
@@ -26,9 +37,16 @@ def write_tiny_mnist(root: Path, n_train: int = 40, n_test: int = 20) -> None:
         write_idx(raw / f"{prefix}-labels-idx1-ubyte", np.arange(n) % 10)
 
 
+def test_fashion_mnist_is_read_from_its_own_folder_with_its_class_names(tmp_path):
+    write_tiny_mnist(tmp_path, folder="FashionMNIST")
+    splits = load_splits("fashion", tmp_path, val_size=10)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (30, 10, 20)
+    assert CLASS_NAMES["fashion"][7] == "Sneaker"
+
+
 def test_torchvision_loader_reads_idx_files_in_torchvision_layout(tmp_path):
     write_tiny_mnist(tmp_path)
-    train, test = load_mnist(tmp_path)
+    train, test = load_idx_dataset("mnist", tmp_path)
     assert train.images.shape == (40, 28, 28) and train.images.dtype == torch.uint8
     assert test.labels.tolist() == [i % 10 for i in range(20)]
     splits = load_splits("mnist", tmp_path, val_size=10)
@@ -41,10 +59,10 @@ def test_missing_mnist_without_network_names_folder_files_and_offline_option(tmp
 
     monkeypatch.setattr("torchvision.datasets.mnist.download_and_extract_archive", no_network)
     with pytest.raises(DataError) as error:
-        load_mnist(tmp_path / "empty")
+        load_idx_dataset("mnist", tmp_path / "empty")
     message = str(error.value)
     assert str(tmp_path / "empty" / "MNIST" / "raw") in message
-    assert all(name in message for name in MNIST_FILES)
+    assert all(name in message for name in IDX_FILES)
     assert "--dataset digits" in message and "\n" not in message
 
 
@@ -55,14 +73,14 @@ def test_a_failed_download_leaves_nothing_behind_but_what_was_there(tmp_path, mo
 
     monkeypatch.setattr("torchvision.datasets.mnist.download_and_extract_archive", partial_download)
     with pytest.raises(DataError, match="could not be downloaded"):
-        load_mnist(tmp_path / "data")
+        load_idx_dataset("mnist", tmp_path / "data")
     assert not (tmp_path / "data").exists()
 
     raw = tmp_path / "mine" / "MNIST" / "raw"
     raw.mkdir(parents=True)
     (raw / "notes.txt").write_text("the user's own")
     with pytest.raises(DataError, match="could not be downloaded"):
-        load_mnist(tmp_path / "mine")
+        load_idx_dataset("mnist", tmp_path / "mine")
     assert [path.name for path in raw.iterdir()] == ["notes.txt"]
 
 
@@ -99,6 +117,27 @@ def test_random_affine_shifts_each_image_within_max_shift():
     offsets = centre_of_mass(moved) - centre_of_mass(blob(1))
     assert offsets.abs().max() <= 2.01 and offsets.std(dim=0).min() > 0.5  # bounded, and different per image
     assert torch.allclose(moved.float().sum(dim=(1, 2)), blob(1).float().sum(), rtol=0.02)  # nothing cut off
+
+
+def test_flips_mirror_about_half_the_images_and_nothing_else():
+    images = torch.zeros(200, 28, 28, dtype=torch.uint8)
+    images[:, 10:18, 3:9] = 255  # a bar on the left
+    moved = Augmentation(max_shift=0, max_rotation=0, max_scale=0, flip=True)(images, torch.Generator().manual_seed(0))
+    mirrored = [torch.equal(m, i.flip(1)) for m, i in zip(moved, images, strict=True)]
+    kept = [torch.equal(m, i) for m, i in zip(moved, images, strict=True)]
+    assert all(a or b for a, b in zip(mirrored, kept, strict=True)) and 70 < sum(mirrored) < 130
+
+
+def test_random_erasing_blanks_one_rectangle_in_the_asked_share_of_images():
+    images = torch.full((400, 28, 28), 200, dtype=torch.uint8)
+    erased = random_erase(images, 0.5, torch.Generator().manual_seed(0))
+    blanked = (erased == 0).sum(dim=(1, 2))
+    assert 160 < (blanked > 0).sum() < 240  # about half the images
+    areas = blanked[blanked > 0].float() / (28 * 28)
+    assert areas.min() > 0.005 and areas.max() < 0.4  # 2-33% of the image, give or take the rounding to whole pixels
+    rows, cols = (erased[blanked.argmax()] == 0).nonzero().T
+    assert (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1) == blanked.max()  # a filled rectangle
+    assert torch.equal(random_erase(images, 0.0, torch.Generator().manual_seed(0)), images)
 
 
 def test_random_affine_rotates_and_scales_about_the_centre():
@@ -156,9 +195,9 @@ def fewer_labels(path: Path) -> None:
     "damage, name, problem",
     [
         (truncate, "train-images-idx3-ubyte", "is truncated"),
-        (garble_header, "t10k-images-idx3-ubyte", "is not an MNIST image file"),
-        (gzip_in_place, "t10k-labels-idx1-ubyte", "is not an MNIST label file"),
-        (labels_in_place_of_images, "train-images-idx3-ubyte", "is not an MNIST image file"),
+        (garble_header, "t10k-images-idx3-ubyte", "is not an IDX image file"),
+        (gzip_in_place, "t10k-labels-idx1-ubyte", "is not an IDX label file"),
+        (labels_in_place_of_images, "train-images-idx3-ubyte", "is not an IDX image file"),
         (fewer_labels, "train-labels-idx1-ubyte", "holds 40 images but .* 39 labels"),
     ],
 )
@@ -167,7 +206,7 @@ def test_damaged_mnist_files_are_named_with_a_fresh_download_suggested(damage, n
     raw = tmp_path / "MNIST" / "raw"
     damage(raw / name)
     with pytest.raises(DataError, match=problem) as error:
-        load_mnist(tmp_path)
+        load_idx_dataset("mnist", tmp_path)
     message = str(error.value)
     assert str(raw / name) in message and "afresh" in message and "\n" not in message
 
@@ -178,7 +217,17 @@ def test_a_data_dir_that_does_not_exist_is_reported_as_such(tmp_path: Path, monk
 
     monkeypatch.setattr("torchvision.datasets.mnist.download_and_extract_archive", no_network)
     with pytest.raises(DataError, match=f"--data-dir {tmp_path / 'typo'} does not exist"):
-        load_mnist(tmp_path / "typo")
+        load_idx_dataset("mnist", tmp_path / "typo")
     (tmp_path / "a-file").write_text("")
     with pytest.raises(DataError, match="is a file, not a folder"):
-        load_mnist(tmp_path / "a-file")
+        load_idx_dataset("mnist", tmp_path / "a-file")
+
+
+def test_a_garment_photo_becomes_fashion_mnist_style():
+    photo = Image.new("RGB", (300, 400), (245, 245, 240))  # a product photo: light background
+    ImageDraw.Draw(photo).rectangle((100, 50, 200, 350), fill=(40, 60, 90))  # a tall, dark garment
+    garment = to_fashion_style(photo)
+    rows, cols = (garment > 127).nonzero().T
+    assert (rows.min(), rows.max()) == (0, 27)  # its longer side fills the 28 pixels, as in Fashion-MNIST...
+    assert cols.min() >= 8 and cols.max() <= 19 and abs((cols.min() + cols.max()) / 2 - 13.5) <= 1  # ...keeping its shape, centred
+    assert garment[:, :5].max() == 0 and garment[:, -5:].max() == 0  # the background is black

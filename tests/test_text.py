@@ -13,6 +13,7 @@ import inference
 import train
 from captions import (
     ANY,
+    CLASS_WORDS,
     HELD_OUT_COMBINATIONS,
     HELD_OUT_TEMPLATES,
     TEMPLATES,
@@ -74,12 +75,12 @@ def test_a_class_is_the_mean_of_its_captions_embeddings():
 
 
 def test_template_captions_name_every_digit_in_each_language_and_classify_with_the_trained_templates():
-    captions = template_captions(TEMPLATES)
+    captions = template_captions(TEMPLATES["mnist"], CLASS_WORDS["mnist"])
     assert "a handwritten 7" in captions.texts and "a handwritten seven" in captions.texts and "手写的七" in captions.texts
     assert "an 8" in captions.texts and "a 8" not in captions.texts
     seven = captions.class_captions()[7]
     assert "the number seven" in seven and all("seven" in c or "7" in c or "七" in c for c in seven)
-    held_out = set(template_captions(HELD_OUT_TEMPLATES).texts)
+    held_out = set(template_captions(HELD_OUT_TEMPLATES["mnist"], CLASS_WORDS["mnist"]).texts)
     assert not held_out & set(captions.texts)
 
 
@@ -180,3 +181,11 @@ def test_a_checkpoint_from_before_the_text_encoders_still_loads_and_classifies(t
     assert loaded.config.text_encoder == "digit" and loaded.config.class_captions == tuple((str(d),) for d in range(10))
     with torch.no_grad():
         assert torch.equal(loaded.encode_classes(), model.encode_classes())
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion"])
+def test_held_out_templates_use_only_characters_of_the_trained_ones(dataset: str):
+    trained = template_captions(TEMPLATES[dataset], CLASS_WORDS[dataset]).texts
+    held_out = template_captions(HELD_OUT_TEMPLATES[dataset], CLASS_WORDS[dataset]).texts
+    assert not set(held_out) & set(trained)  # new sentences...
+    assert not set("".join(held_out)) - set("".join(trained))  # ...not new letters
