@@ -116,6 +116,12 @@ def user_classes(model: CLIP, labels: str, template: str) -> Classes:
     return Classes(names, model.encode_classes(tuple((template.format(name),) for name in names)), are_labels=False)
 
 
+def class_probabilities(model: CLIP, classes: Classes, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One image's (D,) features -> its cosine with each class and CLIP's zero-shot probabilities of them, on the CPU."""
+    similarities = (features @ classes.features.T).cpu()
+    return similarities, (model.logit_scale.exp().item() * similarities).softmax(dim=0)
+
+
 def print_similarities(name: str, classes: Classes, similarities: torch.Tensor, probabilities: torch.Tensor) -> None:
     top2 = probabilities.topk(min(2, len(classes.names)))
     first, second = (classes.names[i] for i in top2.indices.tolist())
@@ -136,8 +142,7 @@ def classify_and_retrieve(
     """Classify one (28, 28) image zero-shot as one of `classes` and show the gallery images most like it;
     `own_index` is its place in the gallery, if it is one of the gallery's images, so that it does not find itself."""
     features = embed_images(model, image[None], precision)[0]
-    similarities = (features @ classes.features.T).cpu()
-    probabilities = (model.logit_scale.exp().item() * similarities).softmax(dim=0)
+    similarities, probabilities = class_probabilities(model, classes, features)
     print_similarities(name, classes, similarities, probabilities)
     exclude = None if own_index is None else torch.tensor([own_index], device=features.device)
     nearest, cosines = nearest_images(features[None], gallery.image_features, exclude)
@@ -197,15 +202,30 @@ def show_user_pictures(
     return results
 
 
+def caption_cut_note(model: CLIP, text: str) -> str | None:
+    """Where the tokenizer cuts a caption short, a note that says so; None where it reads all of it."""
+    length = len(normalize_text(text))
+    if model.config.text_encoder != "digit" and length > model.config.text_max_length:
+        return f"the caption has {length:,} characters; the model reads its first {model.config.text_max_length}"
+    return None
+
+
 @torch.inference_mode()
-def show_caption(model: CLIP, gallery: Gallery, text: str, output_dir: Path) -> Path:
-    """--text: the split's images nearest to a caption, by the cosine of embeddings centred on their
-    modality's mean (metrics.centred): the gallery's for the images, the class captions' for the text."""
-    if model.config.text_encoder != "digit" and len(normalize_text(text)) > model.config.text_max_length:
-        print(f"note: the caption has {len(normalize_text(text)):,} characters; the model reads its first {model.config.text_max_length}")
+def nearest_to_caption(model: CLIP, gallery: Gallery, text: str) -> torch.return_types.topk:
+    """The TOP_K gallery images nearest to a caption and their scores, on the CPU: the cosine of embeddings
+    centred on their modality's mean (metrics.centred), the gallery's for the images, the class captions'
+    for the text. TextError where the model cannot read the caption."""
     query = model.encode_text(model.tokenize([text]).to(gallery.text_features.device))[0]
     scores = centred(gallery.image_features) @ centred(query, mean=gallery.text_features.mean(dim=0))
-    top = scores.cpu().topk(TOP_K)
+    return scores.cpu().topk(TOP_K)
+
+
+def show_caption(model: CLIP, gallery: Gallery, text: str, output_dir: Path) -> Path:
+    """--text: the split's images nearest to a caption (nearest_to_caption), drawn as a figure."""
+    note = caption_cut_note(model, text)
+    if note:
+        print(f"note: {note}")
+    top = nearest_to_caption(model, gallery, text)
     labels = gallery.split.labels[top.indices]
     shown = text if len(text) <= 40 else text[:39] + "…"
     expected = int(text) if text in DIGIT_CAPTIONS else None  # red marks a wrong class only where the caption is a label
