@@ -1,0 +1,19 @@
+"""user_style_digits.py: scikit-learn's handwritten digits, converted as users' pictures are, scored per digit."""
+
+from pathlib import Path
+
+import pytest
+
+import user_style_digits
+from checkpoint import load_model
+
+
+def test_every_digit_is_scored_and_the_digits_accuracies_make_up_the_whole(digits_checkpoint: Path, capsys):
+    split = user_style_digits.load_user_style_digits()
+    assert split.images.shape == (1797, 28, 28) and split.labels.bincount().tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    result = user_style_digits.main(["--checkpoint", str(digits_checkpoint)])
+    assert result == user_style_digits.score(load_model(digits_checkpoint)[0], split)
+    counts = split.labels.bincount().tolist()
+    weighted = sum(accuracy * count for accuracy, count in zip(result["per_digit_accuracy"], counts, strict=True)) / sum(counts)
+    assert weighted == pytest.approx(result["accuracy"], abs=1e-6)
+    assert f"scikit-learn's 1,797 digits as users' pictures: {result['accuracy']:.1%}" in capsys.readouterr().out
