@@ -1,7 +1,8 @@
 """demo.py as people use it: served on a free local port and driven in headless Chromium with
 Playwright, which draws with mouse strokes, uploads files and types a caption, as Gradio's own
-end-to-end tests do. Without Chromium or Playwright these tests are skipped, saying so; in CI
-(CI=true), which installs both, they must run."""
+end-to-end tests do; then, without a browser, what the page cannot show with the test models.
+Without Gradio, Chromium or Playwright these tests are skipped, saying so; in CI (CI=true),
+which installs them, they must run."""
 
 import os
 import runpy
