@@ -36,6 +36,7 @@ MAX_UPLOAD_BYTES = 200 * 2**20  # Gradio refuses larger uploads outright, so tha
 CANVAS_SIZE = 280  # pixels of the square sketchpad: plenty for a digit, and cheap to send with each stroke
 BRUSH_RADIUS = 11  # a digit drawn across most of the canvas then has strokes about as thick, for its size, as MNIST's pen
 SHOWN_SIZE = 112  # pixels the 28x28 images are shown at, enlarged without smoothing so each pixel stays visible
+SHOWN_FORMAT = "png"  # lossless, so that the page shows exactly the pixels the model saw (Gradio's default, webp, is lossy)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -202,16 +203,35 @@ def build_page(reader: Reader) -> gr.Blocks:
                 probabilities = gr.Label(
                     label="Probability of each class", num_top_classes=len(reader.classes.names), elem_id="probabilities"
                 )
-                seen = gr.Image(label="What the model saw (28x28)", height=SHOWN_SIZE + 50, buttons=[], interactive=False, elem_id="seen")
+                seen = gr.Image(
+                    label="What the model saw (28x28)",
+                    height=SHOWN_SIZE + 50,
+                    format=SHOWN_FORMAT,
+                    buttons=[],
+                    interactive=False,
+                    elem_id="seen",
+                )
         nearest = gr.Gallery(
-            label="The 5 nearest test images", columns=5, height=SHOWN_SIZE + 90, object_fit="contain", buttons=[], elem_id="nearest"
+            label="The 5 nearest test images",
+            columns=5,
+            height=SHOWN_SIZE + 90,
+            object_fit="contain",
+            format=SHOWN_FORMAT,
+            buttons=[],
+            elem_id="nearest",
         )
         with gr.Row():
             caption = gr.Textbox(label="Find test images by a caption", placeholder="7", scale=4, elem_id="caption")
             search = gr.Button("Find", scale=1)
         caption_verdict = gr.Markdown(elem_id="caption-verdict")
         found = gr.Gallery(
-            label="Test images for the caption", columns=5, height=SHOWN_SIZE + 90, object_fit="contain", buttons=[], elem_id="found"
+            label="Test images for the caption",
+            columns=5,
+            height=SHOWN_SIZE + 90,
+            object_fit="contain",
+            format=SHOWN_FORMAT,
+            buttons=[],
+            elem_id="found",
         )
 
         read = picture_handler(reader, drawing_to_picture)

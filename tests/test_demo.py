@@ -4,6 +4,7 @@ end-to-end tests do; then, without a browser, what the page cannot show with the
 Without Gradio, Chromium or Playwright these tests are skipped, saying so; in CI (CI=true),
 which installs them, they must run."""
 
+import io
 import os
 import runpy
 import socket
@@ -16,7 +17,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
+from urllib.parse import urljoin
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
@@ -24,7 +27,7 @@ from test_text import TEXT_MODEL
 from test_user_images import huge_png
 
 import train
-from dataset import to_mnist_style
+from dataset import load_user_image, to_mnist_style
 
 REPO = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI") == "true"
@@ -192,6 +195,10 @@ def test_an_uploaded_picture_is_read(page: Page, tmp_path: Path):
     picture.save(tmp_path / "seven.png")
     page.upload(tmp_path / "seven.png")
     page.expect_a_reading()
+    # The page shows, enlarged, exactly the 28x28 image that `inference.py --image seven.png` gives the model.
+    shown = page.tab.request.get(urljoin(page.tab.url, page.tab.locator("#seen img").get_attribute("src"))).body()
+    pixels = np.asarray(Image.open(io.BytesIO(shown)).convert("L").resize((28, 28), Image.Resampling.NEAREST))
+    assert np.array_equal(pixels, load_user_image(tmp_path / "seven.png").numpy())
     assert page.console_errors == []
 
 
