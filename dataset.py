@@ -13,7 +13,7 @@ import math
 import struct
 import urllib.error
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,8 +246,12 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Ite
 
 def load_user_image(path: Path, dataset: str = "mnist") -> torch.Tensor:
     """An image file -> (28, 28) uint8 in the style of the data set's images; ImageError with the reason when impossible."""
-    picture = read_image_file(path)
-    return to_fashion_style(picture) if dataset == "fashion" else to_mnist_style(picture)
+    return in_style_of(dataset)(read_image_file(path))
+
+
+def in_style_of(dataset: str) -> Callable[[Image.Image], torch.Tensor]:
+    """The conversion that turns a user's picture into an image like the data set's."""
+    return to_fashion_style if dataset == "fashion" else to_mnist_style
 
 
 def read_image_file(path: Path) -> Image.Image:

@@ -25,7 +25,7 @@ from PIL import Image
 
 from checkpoint import CheckpointError, latest_run, load_model
 from clip import CLIP
-from dataset import DataError, ImageError, load_splits, read_image_file, to_mnist_style
+from dataset import CLASS_NAMES, DataError, ImageError, in_style_of, load_splits, read_image_file
 from evaluation import Gallery, nearest_images
 from inference import Classes, caption_cut_note, class_probabilities, nearest_to_caption
 from text_encoder import TextError
@@ -69,12 +69,6 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-def class_names(dataset: str) -> list[str]:
-    """The names of a data set's classes, in the order of its labels. Both data sets so far hold the
-    digits 0-9; one with other classes adds its names here."""
-    return [str(digit) for digit in range(10)]
-
-
 @dataclass
 class Reader:
     """A trained model and the test split it retrieves from, embedded once: what every request uses."""
@@ -83,6 +77,7 @@ class Reader:
     precision: str
     gallery: Gallery
     classes: Classes
+    dataset: str  # whose style a picture is converted to
 
 
 def load_reader(args: argparse.Namespace) -> Reader:
@@ -92,9 +87,9 @@ def load_reader(args: argparse.Namespace) -> Reader:
     precision, why = resolve_precision(args.precision, args.device)
     dataset, data_dir = state["args"]["dataset"], args.data_dir or state["args"]["data_dir"]
     test = load_splits(dataset, data_dir, val_size=state["args"]["val_size"]).test
-    gallery = Gallery("test", test, embed_images(model, test.images, precision), class_embeddings(model))
+    gallery = Gallery("test", test, embed_images(model, test.images, precision), class_embeddings(model), CLASS_NAMES[dataset])
     print(f"loaded {checkpoint} (epoch {state['epoch']}); {why}; {len(test):,} test images embedded")
-    return Reader(model, precision, gallery, Classes(class_names(dataset), gallery.text_features))
+    return Reader(model, precision, gallery, Classes(list(CLASS_NAMES[dataset]), gallery.text_features), dataset)
 
 
 def drawing_to_picture(drawing: dict | None) -> Image.Image:
@@ -129,7 +124,7 @@ def enlarged(image: torch.Tensor) -> np.ndarray:
 def read_picture(reader: Reader, picture: Image.Image) -> tuple[dict[str, float], np.ndarray, list]:
     """A picture -> each class's probability, the 28x28 image the model saw, and the nearest test images
     with their labels and cosines, as `inference.py --image` computes them."""
-    image = to_mnist_style(picture)
+    image = in_style_of(reader.dataset)(picture)
     features = embed_images(reader.model, image[None], reader.precision)[0]
     _, probabilities = class_probabilities(reader.model, reader.classes, features)
     nearest, cosines = nearest_images(features[None], reader.gallery.image_features)
