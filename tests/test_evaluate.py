@@ -41,7 +41,9 @@ def test_evaluate_reports_every_metric_of_a_hand_made_embedding_set(tmp_path: Pa
     labels = torch.arange(3).repeat_interleave(4)
     images, captions = F.one_hot(labels, 3).float(), torch.eye(3)
     split = Split(torch.randint(0, 256, (12, 28, 28), dtype=torch.uint8), labels)
-    evaluation.evaluate(evaluation.Gallery("test", split, images, captions), {"step": 10, "history": HISTORY}, tmp_path)
+    evaluation.evaluate(
+        evaluation.Gallery("test", split, images, captions, class_names=("0", "1", "2")), {"step": 10, "history": HISTORY}, tmp_path
+    )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
 
     # Each query's top 5: its 3 same-digit images, then the two first others (ties keep the split's
@@ -120,7 +122,9 @@ def test_the_image_retrieval_figure_never_shows_a_query_as_its_own_neighbour(tmp
     split = Split(torch.randint(0, 256, (12, 28, 28), dtype=torch.uint8), labels)  # twelve different pictures
     # Each digit's four images share one embedding, so a query ties with itself unless it is left out.
     evaluation.evaluate(
-        evaluation.Gallery("test", split, F.one_hot(labels, 3).float(), torch.eye(3)), {"step": 10, "history": HISTORY}, tmp_path
+        evaluation.Gallery("test", split, F.one_hot(labels, 3).float(), torch.eye(3), class_names=("0", "1", "2")),
+        {"step": 10, "history": HISTORY},
+        tmp_path,
     )
     queries, neighbours = drawn["image_retrieval"]
     assert len(queries) == 3
