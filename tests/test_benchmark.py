@@ -1,5 +1,6 @@
 """benchmark.py's measurements of one training run."""
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import benchmark
 import train
 from dataset import load_splits
 
-TINY_DIGITS = ["--dataset", "digits", "--image-widths", "8,16", "--embed-dim", "16", "--batch-size", "128", "--epochs", "3"]
+TINY_DIGITS = ["--image-widths", "8,16", "--embed-dim", "16", "--batch-size", "128", "--epochs", "3"]
 
 
 def test_training_speed_counts_every_epoch_trained_not_only_those_up_to_the_best(tmp_path: Path, monkeypatch):
@@ -17,7 +18,7 @@ def test_training_speed_counts_every_epoch_trained_not_only_those_up_to_the_best
     monkeypatch.setattr(train, "zero_shot_accuracy", lambda *args: next(validation_then_test))
     monkeypatch.setitem(benchmark.SETTINGS, "default", TINY_DIGITS)
     splits = load_splits("digits", "unused", val_size=300)
-    run = benchmark.run_project("default", 0, "unused", tmp_path, splits.test, "fp32")
+    run = benchmark.run_project("default", 0, argparse.Namespace(dataset="digits", data_dir="unused"), tmp_path, splits.test, "fp32")
     assert len(run["curve"]) == 1
     trained_images = 3 * (len(splits.train) // 128) * 128  # three epochs of full batches
     assert run["train_images_per_second"] * run["train_seconds"] == pytest.approx(trained_images)
