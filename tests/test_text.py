@@ -65,6 +65,17 @@ def test_padding_changes_nothing(encoder):
         assert not torch.allclose(encoder(tokens)[0], encoder(tokens[:, :2])[0], atol=1e-3)  # the characters themselves count
 
 
+def test_captions_read_in_groups_of_similar_length_keep_their_order_and_embeddings():
+    encoder = TransformerTextEncoder(20, 16, width=16, layers=2, heads=2, embed_dim=8)
+    lengths = [7, 1, 12, 3, 3, 9, 2, 16, 5]
+    tokens = torch.full((len(lengths), 16), PAD)
+    for row, length in enumerate(lengths):
+        tokens[row, :length] = torch.randint(PAD + 2, 20, (length,), generator=torch.Generator().manual_seed(row))
+    with torch.no_grad():
+        alone = torch.cat([encoder.read(row[None, :length]) for row, length in zip(tokens, lengths, strict=True)])
+        assert torch.allclose(encoder(tokens), alone, atol=1e-5)
+
+
 def test_a_class_is_the_mean_of_its_captions_embeddings():
     config = CLIPConfig(image_widths=(8, 16), text_encoder="transformer", text_hidden_dim=16, text_characters="abc 01", embed_dim=8)
     model = CLIP(config)
@@ -170,6 +181,15 @@ def test_the_digit_encoder_cannot_be_trained_on_sentences(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--captions", "templates"])
     assert "--text-encoder digit reads only the captions 0-9" in capsys.readouterr().err
+
+
+def test_attribute_captions_train_on_unrotated_unscaled_images_unless_asked():
+    # The captions state the slant, thickness and width of the image as it is.
+    args = train.parse_args(["--captions", "attributes", "--text-encoder", "transformer"])
+    assert (args.max_rotation, args.max_scale, args.max_shift) == (0.0, 0.0, 2.0)
+    args = train.parse_args(["--captions", "attributes", "--text-encoder", "transformer", "--max-rotation", "5"])
+    assert args.max_rotation == 5.0
+    assert train.parse_args(["--captions", "templates", "--text-encoder", "transformer"]).max_rotation == 10.0
 
 
 def test_a_checkpoint_from_before_the_text_encoders_still_loads_and_classifies(tmp_path: Path):
