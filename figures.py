@@ -221,18 +221,20 @@ def plot_predictions(names: list[str], images: torch.Tensor, probabilities: torc
     return figure
 
 
-def plot_attribute_bins(images: torch.Tensor, properties: torch.Tensor, words: dict[str, tuple[str, ...]], per_bin: int = 8) -> Figure:
-    """For each attribute (a row per bin) the first `per_bin` images of that bin: do the words the
-    captions use for the bins fit what they show? properties: (N, 4), the digit and three attributes' bins."""
+def plot_attribute_bins(images: torch.Tensor, properties: torch.Tensor, words: dict[str, tuple[str, ...]]) -> Figure:
+    """A row per bin of each attribute and a column per class, each cell the first image of that class
+    in that bin. The bins are a class's thirds, so read down a column: a wide 1 is wide for a 1.
+    properties: (N, 4), the class and three attributes' bins."""
     rows = [(attribute, b) for attribute in words for b in range(len(words[attribute]))]
-    figure, axes = plt.subplots(len(rows), per_bin, figsize=(0.9 * per_bin, 0.95 * len(rows)), squeeze=False)
+    classes = properties[:, 0].unique().tolist()
+    figure, axes = plt.subplots(len(rows), len(classes), figsize=(0.8 * len(classes), 0.95 * len(rows)), squeeze=False)
     for row, (attribute, b) in enumerate(rows):
-        column = 1 + list(words).index(attribute)
-        chosen = (properties[:, column] == b).nonzero()[:per_bin, 0]
-        for axis in axes[row]:
+        in_bin = properties[:, 1 + list(words).index(attribute)] == b
+        for axis, label in zip(axes[row], classes, strict=True):
             axis.axis("off")
-        for axis, index in zip(axes[row], chosen.tolist(), strict=False):
-            show_digit(axis, images[index], "")
+            chosen = (in_bin & (properties[:, 0] == label)).nonzero()
+            if len(chosen):
+                show_digit(axis, images[chosen[0, 0]], "")
         axes[row, 0].set_title(f"{attribute}: {words[attribute][b]}", fontsize=9, loc="left")
     figure.tight_layout()
     return figure
