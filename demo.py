@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint to load (default: the newest runs/*/best.pt)")
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where to look for the newest run")
-    p.add_argument("--data-dir", default=None, help="folder that holds MNIST (default: the one the model was trained on)")
+    p.add_argument("--data-dir", default=None, help="folder that holds the data set (default: the one the model was trained on)")
     p.add_argument("--port", type=int, default=7860, help="port to serve on, at 127.0.0.1")
     p.add_argument("--share", action="store_true", help="also make a public link through Gradio's servers (off: only this machine sees it)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to run")

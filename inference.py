@@ -47,7 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint to load (default: the newest runs/*/best.pt)")
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where to look for the newest run")
     p.add_argument("--dataset", choices=DATASETS, default=None, help="test data (default: the checkpoint's)")
-    p.add_argument("--data-dir", default=None, help="folder that holds (or receives) MNIST (default: the one the model was trained on)")
+    p.add_argument(
+        "--data-dir", default=None, help="folder that holds (or receives) the data set (default: the one the model was trained on)"
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to run")
     p.add_argument(
         "--precision",

@@ -133,7 +133,7 @@ def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) 
     p.add_argument(
         "--dataset", choices=DATASETS, default="mnist", help="mnist, fashion (Fashion-MNIST), or digits (scikit-learn's, offline)"
     )
-    p.add_argument("--data-dir", default="data", help="folder that holds (or receives) MNIST")
+    p.add_argument("--data-dir", default="data", help="folder that holds (or receives) the data set")
     p.add_argument(
         "--val-size",
         type=positive_int,
