@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 import figures
+import user_style_digits
 from captions import ATTRIBUTE_WORDS
 from dataset import Split
 from metrics import caption_retrieval, centred, evaluate_embeddings, mean_of_present, zero_shot_classification
@@ -46,6 +47,8 @@ class Gallery:
     template_sets: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (10, D), each digit's captions averaged
     prompts: dict[str, torch.Tensor] = field(default_factory=dict)  # free text -> (D,)
     attribute_queries: CaptionQueries | None = None
+    # For a model trained on MNIST: how it reads handwriting from other writers (user_style_digits.score).
+    user_style: dict | None = None
 
 
 def evaluate_captions(gallery: Gallery) -> dict:
@@ -141,6 +144,9 @@ def evaluate(gallery: Gallery, state: dict, output_dir: Path) -> dict:
     metrics = evaluate_embeddings(image_features, text_features, labels) | evaluate_captions(gallery)
     print_metrics(metrics, len(split), gallery.class_names)
     print_captions(metrics)
+    if gallery.user_style is not None:
+        metrics["user_style_digits"] = gallery.user_style
+        print(user_style_digits.describe(gallery.user_style))
     suffix = "" if gallery.name == "test" else "_val"
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = output_dir / f"metrics{suffix}.json"

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import figures
+import user_style_digits
 from captions import attribute_queries, image_properties, stroke_edges, template_sets
 from checkpoint import CheckpointError, latest_run, load_model
 from clip import CLIP
@@ -288,6 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     print(f"zero-shot accuracy on the {len(gallery.split):,} {gallery.name} images: {accuracy:.2%}")
     if args.evaluate:
+        if state["args"]["dataset"] == "mnist":  # not for the offline digits: they are trained on these very images
+            gallery.user_style = user_style_digits.score(model, user_style_digits.load_user_style_digits(), precision)
         return {"accuracy": accuracy, "metrics": evaluate(gallery, state, output_dir)}
     classes = Classes(list(gallery.class_names), gallery.text_features)
     if args.labels is not None:

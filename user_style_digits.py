@@ -2,6 +2,7 @@
 writers the model never saw, converted as a user's picture is (`inference.py --image`, demo.py).
 
 python user_style_digits.py --checkpoint runs/<run>/best.pt   # accuracy overall and per digit
+(inference.py --evaluate reports it too, for a model trained on MNIST)
 
 Each 8x8 digit is drawn dark on light, enlarged as a small scan or photo would be, and put through
 dataset.to_mnist_style. A model trained on MNIST has never seen these writers nor this conversion of
@@ -54,9 +55,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--checkpoint", type=Path, required=True, help="the model to score")
     args = p.parse_args(argv)
     result = score(load_model(args.checkpoint)[0], load_user_style_digits())
-    per_digit = "  ".join(f"{digit}:{accuracy:.1%}" for digit, accuracy in enumerate(result["per_digit_accuracy"]))
-    print(f"scikit-learn's 1,797 digits as users' pictures: {result['accuracy']:.1%}\n  per digit  {per_digit}")
+    print(describe(result))
     return result
+
+
+def describe(result: dict) -> str:
+    per_digit = "  ".join(f"{digit}:{accuracy:.1%}" for digit, accuracy in enumerate(result["per_digit_accuracy"]))
+    return f"scikit-learn's 1,797 digits as users' pictures: {result['accuracy']:.1%}\n  per digit  {per_digit}"
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """user_style_digits.py: scikit-learn's handwritten digits, converted as users' pictures are, scored per digit."""
 
+import json
 from pathlib import Path
 
 import pytest
 
+import inference
 import user_style_digits
 from checkpoint import load_model
 
@@ -17,3 +19,15 @@ def test_every_digit_is_scored_and_the_digits_accuracies_make_up_the_whole(digit
     weighted = sum(accuracy * count for accuracy, count in zip(result["per_digit_accuracy"], counts, strict=True)) / sum(counts)
     assert weighted == pytest.approx(result["accuracy"], abs=1e-6)
     assert f"scikit-learn's 1,797 digits as users' pictures: {result['accuracy']:.1%}" in capsys.readouterr().out
+
+
+def test_evaluate_reports_it_for_a_model_trained_on_mnist_only(mnist_checkpoint: Path, digits_checkpoint: Path, tmp_path: Path):
+    model = load_model(mnist_checkpoint)[0]
+    argv = ["--checkpoint", str(mnist_checkpoint), "--evaluate", "--precision", "fp32", "--output-dir", str(tmp_path / "mnist")]
+    metrics = inference.main(argv)["metrics"]
+    expected = user_style_digits.score(model, user_style_digits.load_user_style_digits())
+    assert metrics["user_style_digits"]["accuracy"] == pytest.approx(expected["accuracy"])
+    assert json.loads((tmp_path / "mnist" / "metrics.json").read_text())["user_style_digits"] == metrics["user_style_digits"]
+    # A model of the offline digits was trained on these very images: the figure would mean nothing.
+    metrics = inference.main(["--checkpoint", str(digits_checkpoint), "--evaluate", "--output-dir", str(tmp_path / "digits")])["metrics"]
+    assert "user_style_digits" not in metrics
