@@ -76,6 +76,17 @@ def test_captions_read_in_groups_of_similar_length_keep_their_order_and_embeddin
         assert torch.allclose(encoder(tokens), alone, atol=1e-5)
 
 
+def test_text_is_read_in_fp32_on_a_cpu_even_under_autocast():
+    # On a CPU, bf16 casts cost more than the text encoders' small products save (clip.CLIP.encode_text).
+    config = CLIPConfig(image_widths=(8, 16), text_encoder="transformer", text_hidden_dim=16, text_characters="abc 01", embed_dim=8)
+    model = CLIP(config)
+    tokens = model.tokenize(["a 0", "bc 1"])
+    with torch.no_grad():
+        plain = model.encode_text(tokens)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(model.encode_text(tokens), plain)
+
+
 def test_a_class_is_the_mean_of_its_captions_embeddings():
     config = CLIPConfig(image_widths=(8, 16), text_encoder="transformer", text_hidden_dim=16, text_characters="abc 01", embed_dim=8)
     model = CLIP(config)
