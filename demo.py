@@ -29,7 +29,7 @@ from dataset import CLASS_NAMES, DataError, ImageError, in_style_of, load_splits
 from evaluation import Gallery, nearest_images
 from inference import Classes, caption_cut_note, class_probabilities, nearest_to_caption
 from text_encoder import TextError
-from utils import PRECISIONS, class_embeddings, embed_images, pick_device, resolve_precision
+from utils import PRECISIONS, class_embeddings, embed_images, resolve_precision, settle_device
 
 MAX_PICTURE_BYTES = 20 * 2**20  # a phone's photo is a few MB; a larger file is refused, with a message on the page, before decoding
 MAX_UPLOAD_BYTES = 200 * 2**20  # Gradio refuses larger uploads outright, so that no upload fills the disk
@@ -49,11 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to run")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 where the hardware runs it natively, fp32 elsewhere")
     args = p.parse_args(argv)
-    try:
-        args.device = pick_device(args.device)
-        resolve_precision(args.precision, args.device)  # refuses what the device cannot run, with the usage line
-    except ValueError as error:
-        p.error(str(error))
+    settle_device(p, args)
     if not port_is_free(args.port):  # said at once, not after the model and the test split have loaded
         p.error(f"--port {args.port}: another program serves on 127.0.0.1:{args.port}; pick another port")
     return args
@@ -173,6 +169,13 @@ def picture_handler(reader: Reader, to_picture: Callable) -> Callable:
     return handle
 
 
+def image_row(label: str, elem_id: str) -> gr.Gallery:
+    """A row of test images with their labels, each shown pixel for pixel."""
+    return gr.Gallery(
+        label=label, columns=5, height=SHOWN_SIZE + 90, object_fit="contain", format=SHOWN_FORMAT, buttons=[], elem_id=elem_id
+    )
+
+
 def build_page(reader: Reader) -> gr.Blocks:
     """The page: a sketchpad and an upload on the left, what the model made of them on the right, and
     below, test images found by a caption."""
@@ -206,28 +209,12 @@ def build_page(reader: Reader) -> gr.Blocks:
                     interactive=False,
                     elem_id="seen",
                 )
-        nearest = gr.Gallery(
-            label="The 5 nearest test images",
-            columns=5,
-            height=SHOWN_SIZE + 90,
-            object_fit="contain",
-            format=SHOWN_FORMAT,
-            buttons=[],
-            elem_id="nearest",
-        )
+        nearest = image_row("The 5 nearest test images", "nearest")
         with gr.Row():
             caption = gr.Textbox(label="Find test images by a caption", placeholder="7", scale=4, elem_id="caption")
             search = gr.Button("Find", scale=1)
         caption_verdict = gr.Markdown(elem_id="caption-verdict")
-        found = gr.Gallery(
-            label="Test images for the caption",
-            columns=5,
-            height=SHOWN_SIZE + 90,
-            object_fit="contain",
-            format=SHOWN_FORMAT,
-            buttons=[],
-            elem_id="found",
-        )
+        found = image_row("Test images for the caption", "found")
 
         read = picture_handler(reader, drawing_to_picture)
         outputs = [verdict, probabilities, seen, nearest]

@@ -29,7 +29,7 @@ from dataset import CLASS_NAMES, DATASETS, DataError, ImageError, load_splits, l
 from evaluation import TOP_K, CaptionQueries, Gallery, evaluate, nearest_images
 from metrics import centred, zero_shot_classification
 from text_encoder import DIGIT_CAPTIONS, TextError, normalize_text
-from utils import PRECISIONS, class_embeddings, embed_images, pick_device, resolve_precision
+from utils import PRECISIONS, class_embeddings, embed_images, resolve_precision, settle_device
 
 # Free-text prompts whose similarity with a few test images --evaluate draws, for a model that reads sentences.
 PROMPTS = (
@@ -77,11 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="measure the whole split instead: metrics.json (metrics_val.json), figures in evaluation/ (evaluation_val/), TensorBoard",
     )
     args = p.parse_args(argv)
-    try:
-        args.device = pick_device(args.device)
-        resolve_precision(args.precision, args.device)  # refuses what the device cannot run, with the usage line
-    except ValueError as error:
-        p.error(str(error))
+    settle_device(p, args)
     return args
 
 

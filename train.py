@@ -44,12 +44,12 @@ from utils import (
     decay,
     int_tuple,
     non_negative_float,
-    pick_device,
     positive_float,
     positive_int,
     probability,
     resolve_precision,
     seed_everything,
+    settle_device,
     zero_shot_accuracy,
 )
 
@@ -169,11 +169,7 @@ def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) 
             setattr(args, name, value)
     if args.text_encoder == "digit" and args.captions != "label":
         p.error(f"--text-encoder digit reads only the captions 0-9: with --captions {args.captions} use --text-encoder transformer or lstm")
-    try:
-        args.device = pick_device(args.device)
-        resolve_precision(args.precision, args.device)  # refuses what the device cannot run, with the usage line
-    except ValueError as error:
-        p.error(str(error))
+    settle_device(p, args)
     return args
 
 

@@ -117,6 +117,16 @@ def resolve_precision(asked: str, device: torch.device) -> tuple[str, str]:
     return "fp32", f"fp32: auto takes bf16 only on CUDA and on CPUs that run it natively, not on {device.type}"
 
 
+def settle_device(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Resolve args.device ("auto": the best there is) and check that it runs args.precision; the
+    parser's usage error where it cannot."""
+    try:
+        args.device = pick_device(args.device)
+        resolve_precision(args.precision, args.device)
+    except ValueError as error:
+        parser.error(str(error))
+
+
 def autocast(device: torch.device, precision: str) -> torch.autocast:
     """bf16 mixed precision when `precision` is 'bf16' (see `resolve_precision`), fp32 otherwise."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
