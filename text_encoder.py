@@ -116,8 +116,11 @@ class TransformerTextEncoder(nn.Module):
         # 10 characters but are padded to 31, so this reads about a third of the positions.
         lengths = (tokens != PAD).sum(dim=1)
         order = lengths.argsort()
-        groups = [self.read(tokens[group, : max(int(lengths[group].max()), 1)]) for group in order.chunk(LENGTH_GROUPS)]
-        return torch.cat(groups)[order.argsort()]
+        groups = order.chunk(LENGTH_GROUPS)
+        # Sorted, each group's last caption is its longest: one wait for the device, not one per group.
+        longest = lengths[torch.stack([group[-1] for group in groups])].clamp(min=1).tolist()
+        read = [self.read(tokens[group, :length]) for group, length in zip(groups, longest, strict=True)]
+        return torch.cat(read)[order.argsort()]
 
     def read(self, tokens: torch.Tensor) -> torch.Tensor:
         padding = tokens == PAD  # (N, L)

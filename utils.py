@@ -187,7 +187,7 @@ def embed_images(model, images: torch.Tensor, precision: str = "fp32", batch_siz
 
 @torch.inference_mode()
 def class_embeddings(model) -> torch.Tensor:
-    """(10, embed_dim) unit-norm embeddings of the ten digits' captions, in eval mode."""
+    """(C, embed_dim) unit-norm embeddings of the classes, each the mean of its captions (CLIP.encode_classes)."""
     return model.encode_classes()
 
 
