@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from image_encoder import ImageEncoder
+from image_encoder import IMAGE_ENCODERS, ImageEncoder, resnet18
 from text_encoder import DIGIT_CAPTIONS, TEXT_ENCODERS, CharTokenizer, DigitTextEncoder, LSTMTextEncoder, TransformerTextEncoder
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap: cosines are never scaled by more than 100
@@ -24,8 +24,11 @@ MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap: cosines are never scaled by mor
 
 @dataclass
 class CLIPConfig:
-    image_widths: tuple[int, ...] = (16, 32, 64, 128)
-    image_blocks_per_stage: int = 1
+    image_encoder: str = "resnet"  # one of image_encoder.IMAGE_ENCODERS
+    image_channels: int = 1  # 1 for grey digits and garments, 3 for colour photos
+    image_size: int = 28  # pixels on a side
+    image_widths: tuple[int, ...] = (16, 32, 64, 128)  # resnet's only
+    image_blocks_per_stage: int = 1  # resnet's only
     text_encoder: str = "digit"  # one of text_encoder.TEXT_ENCODERS
     text_hidden_dim: int = 64
     text_layers: int = 2  # transformer blocks, or LSTM layers
@@ -47,6 +50,8 @@ class CLIPConfig:
         values["class_captions"] = tuple(map(tuple, values.get("class_captions", cls.class_captions)))
         if values.get("text_encoder", cls.text_encoder) not in TEXT_ENCODERS:
             raise ValueError(f"unknown text encoder {values['text_encoder']!r}")
+        if values.get("image_encoder", cls.image_encoder) not in IMAGE_ENCODERS:
+            raise ValueError(f"unknown image encoder {values['image_encoder']!r}")
         return cls(**values)
 
     def to_dict(self) -> dict:
@@ -57,7 +62,10 @@ class CLIP(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.config = config
-        self.image_encoder = ImageEncoder(config.image_widths, config.image_blocks_per_stage, config.embed_dim)
+        if config.image_encoder == "resnet18":
+            self.image_encoder = resnet18(config.embed_dim, config.image_channels, config.image_size)
+        else:
+            self.image_encoder = ImageEncoder(config.image_widths, config.image_blocks_per_stage, config.embed_dim, config.image_channels)
         self.tokenizer = CharTokenizer(config.text_characters, config.text_max_length)
         if config.text_encoder == "digit":
             self.text_encoder = DigitTextEncoder(config.text_hidden_dim, config.embed_dim)

@@ -25,6 +25,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_SIZE = 28
 # Mean and standard deviation of MNIST's training pixels, scaled to [0, 1].
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+# Colour photos are normalised per channel as torchvision's pretrained ResNets expect (ImageNet's statistics).
+PHOTO_MEAN, PHOTO_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IDX_FILES = (
     "train-images-idx3-ubyte",
     "train-labels-idx1-ubyte",
@@ -181,8 +183,12 @@ def load_sklearn_digits(test_size: int = 360) -> tuple[Split, Split]:
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> float (N, 1, 28, 28) with MNIST's mean and std."""
-    return ((images.float() / 255.0 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
+    """uint8 grey (N, H, W) -> float (N, 1, H, W) with MNIST's mean and std; uint8 colour
+    (N, 3, H, W) -> float (N, 3, H, W) with ImageNet's, per channel."""
+    if images.ndim == 3:
+        return ((images.float() / 255.0 - MNIST_MEAN) / MNIST_STD).unsqueeze(1)
+    mean, std = (torch.tensor(values, device=images.device)[:, None, None] for values in (PHOTO_MEAN, PHOTO_STD))
+    return (images.float() / 255.0 - mean) / std
 
 
 @dataclass
@@ -236,6 +242,38 @@ def random_erase(images: torch.Tensor, probability: float, generator: torch.Gene
     inside_rows = (rows >= top[:, None, None]) & (rows < (top + height)[:, None, None])
     inside_cols = (cols >= left[:, None, None]) & (cols < (left + width)[:, None, None])
     return images.masked_fill(inside_rows & inside_cols & (u[4] < probability)[:, None, None], 0)
+
+
+@dataclass
+class PhotoAugmentation:
+    """How training photos are varied, each its own way, on the device: a random part of the
+    photo, stretched back to full size (random resized crop), mirrored half of the time."""
+
+    crop_area: float = 0.5  # the smallest share of the photo a crop keeps; 1: no cropping
+    flip: bool = True
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        return random_resized_crop(images, self.crop_area, self.flip, generator)
+
+
+def random_resized_crop(images: torch.Tensor, min_area: float, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Each (N, C, H, W) uint8 image's own random crop, of `min_area` to all of its area and an aspect
+    ratio of 3/4 to 4/3 (torchvision's RandomResizedCrop, without its retries), resized to H x W;
+    mirrored left to right with probability 1/2 if `flip`."""
+    n, _, h, w = images.shape
+    u = torch.rand(5, n, device=images.device, generator=generator)
+    area = min_area + (1 - min_area) * u[0]
+    # Within [area, 1 / area] the crop fits inside the photo, where torchvision would draw again.
+    aspect = torch.exp(math.log(3 / 4) + u[1] * math.log(16 / 9)).clamp(min=area, max=1 / area)
+    width, height = (area * aspect).sqrt(), (area / aspect).sqrt()  # shares of the side
+    # affine_grid maps each output pixel to where it is read from, in [-1, 1] image coordinates.
+    centre_x, centre_y = (2 * u[2] - 1) * (1 - width), (2 * u[3] - 1) * (1 - height)
+    mirror = torch.where(u[4] < 0.5, -1.0, 1.0) if flip else torch.ones(n, device=images.device)
+    zero = torch.zeros(n, device=images.device)
+    theta = torch.stack([torch.stack([width * mirror, zero, centre_x], dim=1), torch.stack([zero, height, centre_y], dim=1)], dim=1)
+    grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
+    cropped = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return cropped.round().clamp(0, 255).to(torch.uint8)
 
 
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
