@@ -2,8 +2,10 @@
 
 Every function takes unit-norm embeddings (so a dot product is a cosine) and
 integer labels as torch tensors, and returns plain floats and lists, ready to
-print or to write as JSON. The ten digit captions are the "texts"; text i is
-the caption of digit i.
+print or to write as JSON. For labelled images the ten digit captions are the
+"texts", text i the caption of digit i; for image-caption collections (a few
+captions per image, as Flickr8k), `image_caption_retrieval` ranks each image's
+own captions.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 HUBNESS_K = 5  # the hubness figures are about top-5 lists: what inference.py shows
+RECALL_AT = (1, 5, 10)  # the recalls that image-caption retrieval is reported at (Flickr8k, Flickr30k, COCO)
 
 
 def rank_of_label(similarities: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -232,3 +235,107 @@ def evaluate_embeddings(image_features: torch.Tensor, text_features: torch.Tenso
         "similarity": similarity_gap(image_features, text_features, labels),
         "modality_gap": modality_gap(image_features, text_features, labels),
     }
+
+
+def caption_relevance(caption_image: torch.Tensor, caption_text: torch.Tensor, images: range, captions: range) -> torch.Tensor:
+    """(len(images), len(captions)) bool: whether each caption of the `captions` range is relevant to each image
+    of the `images` range, that is whether its text is one of that image's captions' texts.
+
+    Only the texts of those captions are tabulated against those images, so a block of rows never needs a
+    table of every image by every text.
+    """
+    texts, column = caption_text[captions.start : captions.stop].unique(return_inverse=True)
+    row = caption_image - images.start
+    # The captions that give an image of the range one of these texts: each marks that (image, text) pair.
+    marks = torch.isin(caption_text, texts) & (row >= 0) & (row < len(images))
+    has_text = torch.zeros(len(images), len(texts), dtype=torch.bool, device=caption_text.device)
+    has_text[row[marks], torch.searchsorted(texts, caption_text[marks])] = True
+    return has_text[:, column]
+
+
+def rank_of_relevant(similarities: torch.Tensor, relevant: torch.Tensor) -> torch.Tensor:
+    """(Q, M) similarities and relevance -> (Q,) 1-based rank of each row's best-ranked relevant column:
+    1 + the number of non-relevant columns that score at least as high as it.
+
+    Ties count against the query, unlike `rank_of_label`'s: a collapsed model, whose scores are all
+    equal, then gets the worst rank rather than a perfect one. A row needs at least one relevant column.
+    """
+    best = similarities.masked_fill(~relevant, -float("inf")).amax(dim=1, keepdim=True)
+    return 1 + ((similarities >= best) & ~relevant).sum(dim=1)
+
+
+def rank_summary(ranks: torch.Tensor) -> dict:
+    """recall@k (the share of queries ranked k or better) for each k of RECALL_AT, and the median rank (the mean
+    of the two middle ones for an even count) and mean rank."""
+    ranks = ranks.double()
+    recalls = {f"recall@{k}": (ranks <= k).double().mean().item() for k in RECALL_AT}
+    return recalls | {"median_rank": ranks.quantile(0.5).item(), "mean_rank": ranks.mean().item()}
+
+
+def image_caption_retrieval(
+    image_features: torch.Tensor,
+    caption_features: torch.Tensor,
+    caption_image: torch.Tensor,
+    caption_text: torch.Tensor,
+    chunk_size: int = 1024,
+) -> dict:
+    """Image-to-text and text-to-image retrieval on an image-caption collection (N images, K captions, a few
+    per image as in Flickr8k), as CLIP papers report it.
+
+    caption_image (K,): the image each caption belongs to; caption_text (K,): an id of each caption's string,
+    shared by identical strings. Caption k is relevant to image i when its text is one of image i's captions'
+    texts: training treats identical captions as interchangeable positives, so evaluation does too. With
+    distinct strings this is exactly "caption k belongs to image i", the standard Flickr8k measure.
+
+    image_to_text: each image ranks all K captions, and its rank is that of its best-ranked relevant caption;
+    text_to_image: each caption ranks all N images, and its rank is that of its best-ranked relevant image.
+    A rank is 1 + the number of non-relevant items scoring at least as high (see `rank_of_relevant`).
+    Each direction reports recall@1, 5 and 10 (fractions), and the median and mean rank; rsum is the sum
+    of the six recalls in percent (0 to 600). similarity: the mean cosine of the relevant (image, caption)
+    pairs and of the others (nan if there are none), and their gap. Rows are processed `chunk_size` at a
+    time, so memory grows as chunk_size x max(N, K), never N x K.
+    """
+    n, k = len(image_features), len(caption_features)
+    if k and (caption_image.min() < 0 or caption_image.max() >= n):
+        raise ValueError(f"caption_image must name images 0 to {n - 1}")
+    captionless = int((torch.bincount(caption_image, minlength=n) == 0).sum())
+    if captionless:
+        raise ValueError(f"{captionless} of the {n} images have no caption: image-to-text retrieval needs at least one for each")
+    image_ranks, caption_ranks = [], []
+    matching_sum, total_sum, n_matching = 0.0, 0.0, 0
+    for start in range(0, n, chunk_size):
+        images = range(start, min(start + chunk_size, n))
+        similarities = image_features[images.start : images.stop] @ caption_features.T  # (B, K)
+        relevant = caption_relevance(caption_image, caption_text, images, range(k))
+        image_ranks.append(rank_of_relevant(similarities, relevant))
+        matching_sum += torch.where(relevant, similarities, 0).sum(dtype=torch.float64).item()
+        total_sum += similarities.sum(dtype=torch.float64).item()
+        n_matching += int(relevant.sum())
+    for start in range(0, k, chunk_size):
+        captions = range(start, min(start + chunk_size, k))
+        similarities = caption_features[captions.start : captions.stop] @ image_features.T  # (B, N)
+        caption_ranks.append(rank_of_relevant(similarities, caption_relevance(caption_image, caption_text, range(n), captions).T))
+    image_to_text, text_to_image = rank_summary(torch.cat(image_ranks)), rank_summary(torch.cat(caption_ranks))
+    matching = matching_sum / n_matching
+    non_matching = (total_sum - matching_sum) / (n * k - n_matching) if n * k > n_matching else float("nan")
+    return {
+        "images": n,
+        "captions": k,
+        "image_to_text": image_to_text,
+        "text_to_image": text_to_image,
+        "rsum": 100 * sum(ranks[f"recall@{at}"] for ranks in (image_to_text, text_to_image) for at in RECALL_AT),
+        "similarity": {"matching": matching, "non_matching": non_matching, "gap": matching - non_matching},
+    }
+
+
+def rsum_line(result: dict) -> str:
+    """One line of `image_caption_retrieval`'s result, to print: RSum, then each direction's recalls in % and median rank."""
+    ats = "/".join(map(str, RECALL_AT))
+
+    def direction(name: str, ranks: dict) -> str:
+        recalls = "/".join(f"{100 * ranks[f'recall@{at}']:.1f}" for at in RECALL_AT)
+        return f"{name} R@{ats} {recalls}% (median rank {ranks['median_rank']:g})"
+
+    return (
+        f"RSum {result['rsum']:.1f}; {direction('image→text', result['image_to_text'])}; {direction('text→image', result['text_to_image'])}"
+    )

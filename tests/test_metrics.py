@@ -1,17 +1,21 @@
 import math
+import statistics
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from metrics import (
+    RECALL_AT,
     centred,
     evaluate_embeddings,
     hubness,
+    image_caption_retrieval,
     image_retrieval,
     image_to_text,
     modality_gap,
     rank_of_label,
+    rsum_line,
     similarity_gap,
     text_to_image,
     zero_shot_classification,
@@ -258,3 +262,147 @@ def test_rank_of_label_stays_on_the_device_of_its_inputs():
     similarities, labels = torch.zeros(4, 3, device="meta"), torch.zeros(4, dtype=torch.long, device="meta")
     ranks = rank_of_label(similarities, labels)
     assert ranks.device.type == "meta" and ranks.shape == (4,)
+
+
+# An image-caption collection whose cosines are set by hand: the images are the first three axes, so a
+# caption's cosine with image i is its i-th coordinate (the fourth only makes it unit length). Captions
+# 0 and 1 belong to image 0, caption 2 to image 1, captions 3 and 4 to image 2; caption 3 repeats caption
+# 0's string (text id 7), so image 0 and image 2 each have captions 0 and 3 as relevant.
+#             caption  0    1    2    3    4
+# image 0 (texts 7, 3)  .6   0    0   .8   0
+# image 1 (text 11)     .8  .6   .6    0   0
+# image 2 (texts 7, 5)   0   0   .8    0  .6
+HAND_IMAGES = torch.eye(3, 4)
+HAND_CAPTIONS = torch.tensor([[0.6, 0.8, 0.0, 0.0], [0.0, 0.6, 0.0, 0.8], [0.0, 0.6, 0.8, 0.0], [0.8, 0.0, 0.0, 0.6], [0.0, 0.0, 0.6, 0.8]])
+HAND_CAPTION_IMAGE = torch.tensor([0, 0, 1, 2, 2])
+HAND_CAPTION_TEXT = torch.tensor([7, 3, 11, 7, 5])
+
+
+def test_image_caption_retrieval_matches_a_hand_computed_case():
+    result = image_caption_retrieval(HAND_IMAGES, HAND_CAPTIONS, HAND_CAPTION_IMAGE, HAND_CAPTION_TEXT)
+    # Image to text. Image 0: its best relevant caption is 3 (image 2's, the same string as its own caption 0), at .8,
+    # above everything: rank 1. Image 1: caption 2 at .6, below caption 0 (.8) and tied with caption 1 (.6),
+    # and a tie counts against it: rank 3. Image 2: caption 4 at .6, below caption 2 (.8): rank 2.
+    assert result["image_to_text"] == pytest.approx(
+        {"recall@1": 1 / 3, "recall@5": 1.0, "recall@10": 1.0, "median_rank": 2.0, "mean_rank": 2.0}
+    )
+    # Text to image. Caption 0 (relevant: images 0 and 2): image 0 at .6, below image 1 (.8): rank 2. Caption 1: image 0
+    # at 0, below image 1 (.6) and tied with image 2 (0): rank 3. Caption 2: image 1 at .6, below image 2: rank 2.
+    # Caption 3: image 0 (not its own image, but one of its string's) at .8: rank 1. Caption 4: image 2 at .6: rank 1.
+    assert result["text_to_image"] == pytest.approx(
+        {"recall@1": 2 / 5, "recall@5": 1.0, "recall@10": 1.0, "median_rank": 2.0, "mean_rank": (2 + 3 + 2 + 1 + 1) / 5}
+    )
+    assert result["rsum"] == pytest.approx(100 * (1 / 3 + 1 + 1 + 2 / 5 + 1 + 1))
+    # Relevant pairs: .6 0 .8 | .6 | 0 0 .6 (seven, sum 2.6); the other eight sum to 2.2.
+    assert result["similarity"] == pytest.approx({"matching": 2.6 / 7, "non_matching": 2.2 / 8, "gap": 2.6 / 7 - 2.2 / 8})
+    assert (result["images"], result["captions"]) == (3, 5)
+
+
+def test_with_distinct_strings_only_an_image_s_own_captions_are_relevant():
+    # The same collection with every string its own: image 0's best own caption (0, at .6) falls behind caption 3 (.8),
+    # rank 2; caption 3's own image (2, at 0) falls behind image 0 (.8) and ties with image 1 (0), rank 3.
+    result = image_caption_retrieval(HAND_IMAGES, HAND_CAPTIONS, HAND_CAPTION_IMAGE, torch.arange(5))
+    assert result["image_to_text"]["mean_rank"] == pytest.approx((2 + 3 + 2) / 3)
+    assert result["text_to_image"]["mean_rank"] == pytest.approx((2 + 3 + 2 + 3 + 1) / 5)
+    assert result["text_to_image"]["recall@1"] == pytest.approx(1 / 5)
+
+
+def random_collection(n_images: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Images with 1 to 5 captions each, every caption near its image, and one string in six repeated from a caption of
+    another image: (image_features, caption_features, caption_image, caption_text)."""
+    generator = torch.Generator().manual_seed(seed)
+    caption_image = torch.arange(n_images).repeat_interleave(torch.randint(1, 6, (n_images,), generator=generator))
+    caption_text = torch.arange(len(caption_image))
+    repeated = torch.rand(len(caption_image), generator=generator) < 1 / 6
+    caption_text[repeated] = torch.randint(0, len(caption_image), (int(repeated.sum()),), generator=generator)
+    images = F.normalize(torch.randn(n_images, 16, generator=generator), dim=1)
+    captions = F.normalize(images[caption_image] + 1.5 * torch.randn(len(caption_image), 16, generator=generator), dim=1)
+    return images, captions, caption_image, caption_text
+
+
+def ranks_by_definition(similarities: torch.Tensor, relevant: torch.Tensor) -> list[int]:
+    """Each row's rank, one query at a time: 1 + the non-relevant items scoring at least as high as its best relevant one."""
+    ranks = []
+    for scores, row in zip(similarities.tolist(), relevant.tolist(), strict=True):
+        best = max(score for score, is_relevant in zip(scores, row, strict=True) if is_relevant)
+        ranks.append(1 + sum(score >= best and not is_relevant for score, is_relevant in zip(scores, row, strict=True)))
+    return ranks
+
+
+def test_image_caption_retrieval_ranks_and_scores_as_the_definitions_do():
+    images, captions, caption_image, caption_text = random_collection(40, seed=1)
+    result = image_caption_retrieval(images, captions, caption_image, caption_text, chunk_size=7)
+    # Relevance by the definition, one (image, caption) pair at a time.
+    texts_of = [set(caption_text[caption_image == i].tolist()) for i in range(len(images))]
+    relevant = torch.tensor([[text in texts for text in caption_text.tolist()] for texts in texts_of])  # (N, K)
+    assert relevant.sum() > len(caption_text)  # some strings repeat across images, so the two definitions differ here
+    similarities = images @ captions.T
+    for direction, ranks in (
+        ("image_to_text", ranks_by_definition(similarities, relevant)),
+        ("text_to_image", ranks_by_definition(similarities.T, relevant.T)),
+    ):
+        recalls = {f"recall@{k}": sum(rank <= k for rank in ranks) / len(ranks) for k in RECALL_AT}
+        assert result[direction] == pytest.approx(recalls | {"median_rank": statistics.median(ranks), "mean_rank": statistics.mean(ranks)})
+    matching, non_matching = similarities[relevant].mean().item(), similarities[~relevant].mean().item()
+    # The mean of the non-matching cosines is near 0: float error is absolute there, not relative.
+    assert result["similarity"] == pytest.approx(
+        {"matching": matching, "non_matching": non_matching, "gap": matching - non_matching}, abs=1e-6
+    )
+
+
+def test_chunked_image_caption_retrieval_equals_one_chunk():
+    collection = random_collection(50, seed=2)
+    whole = image_caption_retrieval(*collection, chunk_size=10_000)
+    for chunk_size in (1, 3, 16):
+        chunked = image_caption_retrieval(*collection, chunk_size=chunk_size)
+        assert chunked | {"similarity": None} == whole | {"similarity": None}  # ranks exactly; cosine sums up to float error
+        assert chunked["similarity"] == pytest.approx(whole["similarity"], abs=1e-6)
+
+
+def test_recall_rises_with_k_and_rsum_is_the_sum_of_the_six():
+    result = image_caption_retrieval(*random_collection(200, seed=3))
+    for direction in ("image_to_text", "text_to_image"):
+        recalls = [result[direction][f"recall@{k}"] for k in RECALL_AT]
+        assert 0 < recalls[0] < recalls[1] < recalls[2] < 1
+    six = [result[direction][f"recall@{k}"] for direction in ("image_to_text", "text_to_image") for k in RECALL_AT]
+    assert result["rsum"] == pytest.approx(100 * sum(six))
+
+
+def test_a_perfect_embedding_ranks_every_query_first():
+    caption_image = torch.tensor([0, 0, 1, 2, 2, 2, 3])
+    images = torch.eye(4)  # each image its own direction, and each caption its image's
+    result = image_caption_retrieval(images, images[caption_image], caption_image, torch.arange(7))
+    perfect = {"recall@1": 1.0, "recall@5": 1.0, "recall@10": 1.0, "median_rank": 1.0, "mean_rank": 1.0}
+    assert result["image_to_text"] == perfect and result["text_to_image"] == perfect
+    assert result["rsum"] == 600.0
+    assert result["similarity"] == {"matching": 1.0, "non_matching": 0.0, "gap": 1.0}
+
+
+def test_a_collapsed_embedding_gets_the_worst_ranks_not_the_best():
+    # Every embedding the same: every score ties, and each query ranks behind every non-relevant item.
+    caption_image = torch.tensor([0, 1, 1, 2, 2, 2, 3])  # 1, 2, 3 and 1 captions
+    same = torch.tensor([1.0, 0.0, 0.0])
+    result = image_caption_retrieval(same.expand(4, 3), same.expand(7, 3), caption_image, torch.arange(7))
+    # Image i ranks behind the 7 - c_i captions of the others: ranks 7, 6, 5, 7. Each caption ranks behind 3 images: rank 4.
+    assert result["image_to_text"] == pytest.approx(
+        {"recall@1": 0.0, "recall@5": 0.25, "recall@10": 1.0, "median_rank": 6.5, "mean_rank": 25 / 4}
+    )
+    assert result["text_to_image"] == pytest.approx(
+        {"recall@1": 0.0, "recall@5": 1.0, "recall@10": 1.0, "median_rank": 4.0, "mean_rank": 4.0}
+    )
+    assert result["similarity"]["gap"] == 0.0
+
+
+def test_image_caption_retrieval_refuses_an_image_without_a_caption():
+    # Image 1 has none: its image-to-text rank would be undefined, and a made-up one would skew the recalls.
+    with pytest.raises(ValueError, match="1 of the 3 images have no caption"):
+        image_caption_retrieval(torch.eye(3), torch.eye(3), torch.tensor([0, 2, 2]), torch.arange(3))
+    with pytest.raises(ValueError, match="images 0 to 2"):
+        image_caption_retrieval(torch.eye(3), torch.eye(3), torch.tensor([0, 1, 3]), torch.arange(3))
+
+
+def test_rsum_line_prints_percentages_and_median_ranks():
+    result = image_caption_retrieval(HAND_IMAGES, HAND_CAPTIONS, HAND_CAPTION_IMAGE, HAND_CAPTION_TEXT)
+    assert rsum_line(result) == (
+        "RSum 473.3; image→text R@1/5/10 33.3/100.0/100.0% (median rank 2); text→image R@1/5/10 40.0/100.0/100.0% (median rank 2)"
+    )
