@@ -128,6 +128,30 @@ class Captions:
         )
 
 
+@dataclass
+class CaptionedImages:
+    """A split's images with the captions they are trained with, and each image's properties
+    (PROPERTIES), which say which captions describe it."""
+
+    images: torch.Tensor  # (N, 28, 28) uint8
+    properties: torch.Tensor  # (N, 4)
+    captions: Captions
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def texts(self) -> list[str]:
+        return self.captions.texts
+
+    def draw(self, batch: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """For the images of `batch`, one caption each, drawn among those that describe it: (B,)
+        indices into `texts`, and (B, B) whether image j's caption describes image i, the positives."""
+        describes = self.captions.describes(self.properties[batch])  # (B, K)
+        drawn = torch.multinomial(describes.float(), 1, generator=generator)[:, 0]
+        return drawn, describes[:, drawn]
+
+
 def with_article(text: str) -> str:
     """English's "an" before a vowel, "8" and "eight", which a template's "a" cannot know it will meet."""
     return re.sub(r"\ba (?=[aeio]|8\b)", "an ", text)

@@ -7,6 +7,10 @@ python inference.py --image cat.png --labels cat,dog --template "a photo of a {}
 python inference.py --image my_digit.png # your own pictures, dark ink on light paper or the reverse
 python inference.py --evaluate           # every metric and figure on the full test split
 python inference.py --evaluate --split val  # the same on the validation split, for choices the test split must not make
+
+A model trained on a collection of captioned photos (train.py --dataset captions) has no classes:
+--index and --image rank the test split's captions for a photo, --text ranks its photos for a caption,
+and --evaluate measures retrieval both ways (recall@1/5/10, ranks, RSum).
 """
 
 from __future__ import annotations
@@ -22,14 +26,15 @@ import torch
 
 import figures
 import user_style_digits
+from caption_data import decode_photo, load_caption_collection
 from captions import attribute_queries, image_properties, stroke_edges, template_sets
 from checkpoint import CheckpointError, latest_run, load_model
 from clip import CLIP
 from dataset import CLASS_NAMES, DATASETS, DataError, ImageError, load_splits, load_user_image
-from evaluation import TOP_K, CaptionQueries, Gallery, evaluate, nearest_images
+from evaluation import TOP_K, CaptionQueries, Gallery, PhotoGallery, evaluate, evaluate_photos, nearest_images
 from metrics import centred, zero_shot_classification
 from text_encoder import DIGIT_CAPTIONS, TextError, normalize_text
-from utils import PRECISIONS, class_embeddings, embed_images, resolve_precision, settle_device
+from utils import PRECISIONS, class_embeddings, embed_captions, embed_images, resolve_precision, settle_device
 
 # Free-text prompts whose similarity with a few test images --evaluate draws, for a model that reads sentences.
 PROMPTS = (
@@ -51,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--data-dir", default=None, help="folder that holds (or receives) the data set (default: the one the model was trained on)"
     )
+    p.add_argument("--cache-dir", type=Path, default=None, help="where a captions collection's photos are cached (default: the run's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to run")
     p.add_argument(
         "--precision",
@@ -237,13 +243,17 @@ def show_caption(model: CLIP, gallery: Gallery, text: str, output_dir: Path) -> 
         ["caption"],
         gallery.class_names,
     )
-    # A name of the caption's letters and digits; where that drops anything, a hash keeps two captions apart.
+    figure_path = figures.save(figure, output_dir / f"text_retrieval_{caption_slug(text)}.png")
+    print(f'{gallery.name} images nearest to the caption "{shown}": labels {labels.tolist()}, figure {figure_path}')
+    return figure_path
+
+
+def caption_slug(text: str) -> str:
+    """A file name of the caption's letters and digits; where that drops anything, a hash keeps two captions apart."""
     slug = re.sub(r"[^0-9a-z]+", "-", normalize_text(text)).strip("-")[:40]
     if slug != normalize_text(text).replace(" ", "-"):
         slug = f"{slug or 'caption'}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"
-    figure_path = figures.save(figure, output_dir / f"text_retrieval_{slug}.png")
-    print(f'{gallery.name} images nearest to the caption "{shown}": labels {labels.tolist()}, figure {figure_path}')
-    return figure_path
+    return slug
 
 
 @torch.inference_mode()
@@ -271,12 +281,87 @@ def load_gallery(model: CLIP, state: dict, args: argparse.Namespace, precision: 
     return gallery
 
 
+@torch.inference_mode()
+def load_photo_gallery(model: CLIP, state: dict, args: argparse.Namespace, precision: str) -> PhotoGallery:
+    """The test (or validation) split of the collection the model was trained on, its photos and captions embedded."""
+    data_dir, cache_dir = args.data_dir or state["args"]["data_dir"], args.cache_dir or state["args"]["cache_dir"]
+    collection = load_caption_collection(data_dir, model.config.image_size, cache_dir)
+    name, photos = ("validation", collection.val) if args.split == "val" else ("test", collection.test)
+    caption_features, caption_text = embed_captions(model, photos.captions)
+    return PhotoGallery(name, photos, embed_images(model, photos.images, precision), caption_features, caption_text)
+
+
+def rank_captions(gallery: PhotoGallery, name: str, features: torch.Tensor, own_index: int | None = None) -> dict:
+    """Print the split's TOP_K captions nearest to one photo's (D,) features, marking those that are its own
+    when it is one of the split's photos (`own_index`)."""
+    top = (gallery.caption_features @ features).cpu().topk(min(TOP_K, len(gallery.photos.captions)))
+    print(f"{name}: the {gallery.name} captions nearest to it")
+    captions = [gallery.photos.captions[k] for k in top.indices.tolist()]
+    owners = gallery.photos.caption_image[top.indices].tolist()
+    for caption, cosine, owner in zip(captions, top.values.tolist(), owners, strict=True):
+        mark = " (its own)" if owner == own_index else ""
+        print(f"  {cosine:+.3f}  {caption}{mark}")
+    if own_index is not None:
+        print(
+            "  its own captions: "
+            + " | ".join(c for c, o in zip(gallery.photos.captions, gallery.photos.caption_image.tolist(), strict=True) if o == own_index)
+        )
+    return {"name": name, "captions": captions, "cosines": top.values.tolist()}
+
+
+@torch.inference_mode()
+def show_photos_for_caption(model: CLIP, gallery: PhotoGallery, text: str, output_dir: Path) -> Path:
+    """--text: the split's TOP_K photos nearest to a caption, by cosine, drawn; green where the caption is one of a photo's own."""
+    note = caption_cut_note(model, text)
+    if note:
+        print(f"note: {note}")
+    query = model.encode_text(model.tokenize([text]).to(gallery.image_features.device))[0]
+    top = (gallery.image_features @ query).topk(min(TOP_K, len(gallery.photos)))
+    own = [k for k, caption in enumerate(gallery.photos.captions) if caption == text.strip()]
+    relevant = gallery.relevant(gallery.caption_text[own[:1]], top.indices[None]) if own else None
+    figure = figures.plot_caption_retrieval([text], gallery.photos.images[top.indices.cpu()][None], top.values.cpu()[None], relevant)
+    figure_path = figures.save(figure, output_dir / f"text_retrieval_{caption_slug(text)}.png")
+    files = [gallery.photos.files[i] for i in top.indices.tolist()]
+    print(f'{gallery.name} photos nearest to the caption "{text}": {", ".join(files)}; figure {figure_path}')
+    return figure_path
+
+
+def photo_main(model: CLIP, state: dict, args: argparse.Namespace, precision: str, output_dir: Path) -> dict:
+    """inference.py for a model trained on a collection of captioned photos."""
+    gallery = load_photo_gallery(model, state, args, precision)
+    if args.evaluate:
+        return {"metrics": evaluate_photos(gallery, state, output_dir)}
+    classes = user_classes(model, args.labels, args.template) if args.labels is not None else None
+    queries = []
+    if args.image:
+        for path in args.image:
+            photo = decode_photo(path, model.config.image_size)
+            if isinstance(photo, str):
+                print(f"{path}: skipped, {photo}")
+                continue
+            features = embed_images(model, torch.tensor(photo)[None], precision)[0]
+            queries.append(rank_captions(gallery, path.name, features))
+            if classes is not None:
+                print_similarities(path.name, classes, *class_probabilities(model, classes, features))
+    else:
+        if not 0 <= args.index < len(gallery.photos):
+            raise SystemExit(f"error: --index {args.index} is outside the {gallery.name} split: pick 0 to {len(gallery.photos) - 1}")
+        name = f"{gallery.name} photo {args.index} ({gallery.photos.files[args.index]})"
+        queries.append(rank_captions(gallery, name, gallery.image_features[args.index], args.index))
+    if args.text is not None:
+        show_photos_for_caption(model, gallery, args.text, output_dir)
+    return {"queries": queries}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     checkpoint = args.checkpoint or latest_run(args.runs_dir, "best.pt")
     model, state = load_model(checkpoint, args.device)
     precision, why = resolve_precision(args.precision, args.device)
     output_dir = args.output_dir or checkpoint.parent
+    if state["args"]["dataset"] == "captions":
+        print(f"loaded {checkpoint} (epoch {state['epoch']}, validation RSum {600 * state['best_accuracy']:.1f}); {why}")
+        return photo_main(model, state, args, precision, output_dir)
     print(f"loaded {checkpoint} (epoch {state['epoch']}, validation accuracy {state['best_accuracy']:.2%}); {why}")
 
     gallery = load_gallery(model, state, args, precision)

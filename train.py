@@ -5,7 +5,9 @@ trained with the symmetric InfoNCE loss. Each epoch ends with zero-shot
 accuracy on a validation split held out from the training images; best.pt
 keeps the epoch that scored best there, and only that model is scored on the
 test split. Everything lands in runs/<run-name>/ (TensorBoard logs, last.pt,
-best.pt).
+best.pt). With --dataset captions --data-dir PATH it trains on any collection
+of captioned photos instead (caption_data.py), and chooses best.pt by the
+validation split's retrieval (RSum).
 
 What the defaults reach, and how fast on which CPU, is measured by
 benchmark.py and listed in the README's Results.
@@ -32,10 +34,13 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from captions import CAPTION_KINDS, Captions, image_properties, stroke_edges, training_captions
+from caption_data import CaptionedPhotos, PhotoPairs, describe, load_caption_collection
+from captions import CAPTION_KINDS, CaptionedImages, image_properties, stroke_edges, training_captions
 from checkpoint import RUNS_DIR, CheckpointError, RandomState, RunState, latest_run, load_checkpoint, load_model, save_checkpoint
 from clip import CLIP, CLIPConfig, clip_loss
-from dataset import DATASETS, Augmentation, DataError, Split, load_splits, normalize, shuffled_batches
+from dataset import DATASETS, Augmentation, DataError, PhotoAugmentation, Split, load_splits, normalize, shuffled_batches
+from image_encoder import IMAGE_ENCODERS, WeightsError, load_torchvision_weights
+from metrics import rsum_line
 from text_encoder import TEXT_ENCODERS, CharTokenizer
 from utils import (
     PRECISIONS,
@@ -48,6 +53,7 @@ from utils import (
     positive_int,
     probability,
     resolve_precision,
+    retrieval_scores,
     seed_everything,
     settle_device,
     zero_shot_accuracy,
@@ -57,7 +63,9 @@ from utils import (
 PER_PROCESS_ARGS = ("resume", "run_name", "runs_dir", "device")
 # These may differ from the checkpoint's too; any other setting decides what is trained, and resuming
 # refuses to change it. A run trained in bf16 on one machine continues in fp32 on one without native bf16.
-CHANGEABLE_ARGS = (*PER_PROCESS_ARGS, "precision", "data_dir", "log_interval")
+CHANGEABLE_ARGS = (*PER_PROCESS_ARGS, "precision", "data_dir", "cache_dir", "log_interval", "pretrained_weights")
+# Image-caption collections read from files (caption_data.py), beside the data sets of labelled images.
+TRAINING_DATASETS = (*DATASETS, "captions")
 
 
 # What each data set's runs take for the settings the command line leaves out: MNIST's, and how
@@ -65,11 +73,19 @@ CHANGEABLE_ARGS = (*PER_PROCESS_ARGS, "precision", "data_dir", "log_interval")
 # Clothes are mirrored, digits never. Fashion-MNIST centres and scales every garment the same way,
 # so shifting or scaling them only teaches poses the test never shows (chosen on validation; see
 # the README's Fashion-MNIST section).
-MNIST_DEFAULTS = dict(epochs=14, val_size=5000, batch_size=512, max_shift=2.0, max_rotation=10.0, max_scale=0.1, flip=False, erase=0.0)
+# A collection of photos is cropped at random and mirrored instead (PhotoAugmentation), at a size a CPU
+# trains on, and its captions are sentences, which the transformer reads, up to 128 characters.
+MNIST_DEFAULTS = dict(
+    epochs=14, val_size=5000, batch_size=512, max_shift=2.0, max_rotation=10.0, max_scale=0.1, flip=False, erase=0.0, crop_area=1.0
+)
+MNIST_DEFAULTS |= dict(image_size=28, text_encoder="digit", captions="label", text_max_length=CLIPConfig.text_max_length)
 DATASET_DEFAULTS = {
     "mnist": MNIST_DEFAULTS,
     "fashion": MNIST_DEFAULTS | {"epochs": 18, "max_shift": 0.0, "max_rotation": 0.0, "max_scale": 0.0, "flip": True, "erase": 0.5},
     "digits": MNIST_DEFAULTS | {"val_size": 300, "batch_size": 128},
+    "captions": MNIST_DEFAULTS
+    | dict(epochs=30, batch_size=128, max_shift=0.0, max_rotation=0.0, max_scale=0.0, flip=True, crop_area=0.5, image_size=64)
+    | dict(val_size=None, text_encoder="transformer", captions=None, text_max_length=128),
 }
 # An attribute caption states the slant, thickness and width measured on the image as it is:
 # rotating it changes the slant and scaling it the other two, so the caption would no longer
@@ -79,7 +95,7 @@ CAPTION_DEFAULTS = {"attributes": {"max_rotation": 0.0, "max_scale": 0.0}}
 
 def per_dataset(setting: str) -> str:
     """How --help states a default that depends on the data set."""
-    return "default: " + ", ".join(f"{DATASET_DEFAULTS[dataset][setting]} for {dataset}" for dataset in DATASET_DEFAULTS)
+    return "default: " + ", ".join(f"{defaults[setting]} for {dataset}" for dataset, defaults in DATASET_DEFAULTS.items())
 
 
 class TrainingError(RuntimeError):
@@ -131,31 +147,64 @@ def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) 
     )
     p.add_argument("--no-amp", dest="precision", action="store_const", const="fp32", help="the same as --precision fp32")
     p.add_argument(
-        "--dataset", choices=DATASETS, default="mnist", help="mnist, fashion (Fashion-MNIST), or digits (scikit-learn's, offline)"
+        "--dataset",
+        choices=TRAINING_DATASETS,
+        default="mnist",
+        help="mnist, fashion (Fashion-MNIST), digits (scikit-learn's, offline), or captions: your own captioned photos in --data-dir",
     )
-    p.add_argument("--data-dir", default="data", help="folder that holds (or receives) the data set")
+    p.add_argument(
+        "--data-dir",
+        default="data",
+        help="folder that holds (or receives) the data set; for --dataset captions, a JSON index, images/ beside captions/, or Flickr8k",
+    )
+    p.add_argument(
+        "--cache-dir", type=Path, default=Path("data/cache"), help="where --dataset captions keeps its photos, decoded and resized"
+    )
     p.add_argument(
         "--val-size",
         type=positive_int,
         default=None,
-        help="validation images held out from train (default: 5000 for mnist, 300 for digits)",
+        help="validation images held out from train (default: 5000 for mnist, 300 for digits; captions: 10%% of the photos)",
     )
     p.add_argument(
-        "--image-widths", type=int_tuple, default=defaults.image_widths, help="channels of the stem and of each downsampling stage"
+        "--image-encoder",
+        choices=IMAGE_ENCODERS,
+        default=defaults.image_encoder,
+        help="resnet: the small ResNet of image_encoder.py; resnet18: torchvision's, for photos",
     )
-    p.add_argument("--blocks-per-stage", type=positive_int, default=defaults.image_blocks_per_stage, help="residual blocks per stage")
+    p.add_argument(
+        "--image-size", type=positive_int, default=None, help="pixels on a side of the photos trained on (default: 64; 28 for MNIST's)"
+    )
+    p.add_argument(
+        "--pretrained-weights",
+        type=Path,
+        default=None,
+        help="a torchvision resnet18 state dict (.pth) to start from; nothing is downloaded",
+    )
+    p.add_argument(
+        "--crop-area", type=probability, default=None, help=f"smallest share of a photo a random crop keeps ({per_dataset('crop_area')})"
+    )
+    p.add_argument(
+        "--image-widths", type=int_tuple, default=defaults.image_widths, help="resnet: channels of the stem and of each downsampling stage"
+    )
+    p.add_argument(
+        "--blocks-per-stage", type=positive_int, default=defaults.image_blocks_per_stage, help="resnet: residual blocks per stage"
+    )
     p.add_argument("--embed-dim", type=positive_int, default=defaults.embed_dim, help="size of the shared embedding space")
     p.add_argument(
         "--captions",
         choices=CAPTION_KINDS,
-        default="label",
-        help="label: the digit alone; templates: sentences in English and Chinese; attributes: sentences that also say how it is written",
+        default=None,
+        help="label (default): the digit alone; templates: sentences in English and Chinese; attributes: sentences that also say how it is written",
     )
     p.add_argument(
         "--text-encoder",
         choices=TEXT_ENCODERS,
-        default=defaults.text_encoder,
-        help="digit: a table of the captions 0-9; transformer or lstm: read any sentence, character by character",
+        default=None,
+        help="digit: a table of the captions 0-9 (default); transformer or lstm: read any sentence, character by character (transformer for captions)",
+    )
+    p.add_argument(
+        "--text-max-length", type=positive_int, default=None, help=f"characters read of a caption ({per_dataset('text_max_length')})"
     )
     p.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="where runs are written")
     p.add_argument("--run-name", default=None, help="name of the run folder (default: dataset and time)")
@@ -167,8 +216,21 @@ def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) 
     for name, value in (DATASET_DEFAULTS[args.dataset] | CAPTION_DEFAULTS.get(args.captions, {})).items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    if args.text_encoder == "digit" and args.captions != "label":
+    if args.dataset == "captions":
+        if args.captions is not None:
+            p.error("--captions makes captions for mnist, fashion and digits: a --dataset captions collection brings its own; leave it out")
+        if args.text_encoder == "digit":
+            p.error("--text-encoder digit reads only the captions 0-9: a collection's captions need --text-encoder transformer or lstm")
+    elif args.text_encoder == "digit" and args.captions != "label":
         p.error(f"--text-encoder digit reads only the captions 0-9: with --captions {args.captions} use --text-encoder transformer or lstm")
+    elif args.image_size != 28:
+        p.error(f"--image-size: the images of {args.dataset} are 28 pixels on a side; other sizes are for --dataset captions")
+    if args.dataset == "captions" and args.val_size is not None:
+        p.error(
+            "--val-size: a captions collection holds out 10%% of its photos for validation and 10%% for test (or uses Flickr8k's own splits)"
+        )
+    if args.pretrained_weights is not None and args.image_encoder != "resnet18":
+        p.error("--pretrained-weights loads torchvision's resnet18: add --image-encoder resnet18")
     settle_device(p, args)
     return args
 
@@ -189,28 +251,22 @@ def new_run_dir(runs_dir: Path, run_name: str | None, dataset: str) -> Path:
     return run_dir
 
 
-def model_config(args: argparse.Namespace, captions: Captions) -> CLIPConfig:
-    """The model the settings ask for, its tokenizer built from its training captions, and each digit's captions to classify with."""
+def model_config(args: argparse.Namespace, texts: list[str], class_captions: tuple[tuple[str, ...], ...]) -> CLIPConfig:
+    """The model the settings ask for, its tokenizer built from its training captions (`texts`), and
+    each class's captions to classify with (none for a collection of captioned photos)."""
     reads_text = args.text_encoder != "digit"
     return CLIPConfig(
+        image_encoder=args.image_encoder,
+        image_channels=3 if args.dataset == "captions" else 1,
+        image_size=args.image_size,
         image_widths=args.image_widths,
         image_blocks_per_stage=args.blocks_per_stage,
         embed_dim=args.embed_dim,
         text_encoder=args.text_encoder,
-        text_characters=CharTokenizer.from_captions(captions.texts, CLIPConfig.text_max_length).characters if reads_text else "",
-        class_captions=captions.class_captions(),
+        text_characters=CharTokenizer.from_captions(texts, args.text_max_length).characters if reads_text else "",
+        text_max_length=args.text_max_length,
+        class_captions=class_captions,
     )
-
-
-@dataclass
-class CaptionedImages:
-    """A split's images with the captions they are trained with: each caption's tokens, and each image's
-    properties (captions.PROPERTIES), which say which captions describe it."""
-
-    split: Split
-    properties: torch.Tensor  # (N, 4)
-    captions: Captions
-    tokens: torch.Tensor  # (K, ...) the tokens of every caption
 
 
 def resumed_settings(argv: list[str] | None, args: argparse.Namespace) -> tuple[argparse.Namespace, dict, Path]:
@@ -292,6 +348,35 @@ class MovingAverage:
 
 
 @dataclass
+class TrainingData:
+    """What a run trains on, and the splits it is scored on: labelled images (MNIST and its kin),
+    scored by zero-shot accuracy, or captioned photos, scored by retrieval."""
+
+    train: CaptionedImages | PhotoPairs  # the images, the captions they are trained with, and draw()
+    val: Split | CaptionedPhotos
+    test: Split | CaptionedPhotos
+    class_captions: tuple[tuple[str, ...], ...]  # each class's captions to classify with; none for photos
+
+
+def load_data(args: argparse.Namespace) -> TrainingData:
+    """The data set the settings name, on the training device; SystemExit in one line when it cannot be loaded."""
+    try:
+        if args.dataset == "captions":
+            collection = load_caption_collection(args.data_dir, args.image_size, args.cache_dir)
+            print("\n".join(describe(collection)))
+            train = PhotoPairs(collection.train.to(args.device), args.device)
+            return TrainingData(train, collection.val.to(args.device), collection.test.to(args.device), ())
+        splits = load_splits(args.dataset, args.data_dir, args.val_size)
+    except DataError as error:
+        raise SystemExit(f"error: {error}") from None
+    train = splits.train.to(args.device)
+    captions = training_captions(args.captions, args.dataset)
+    edges = stroke_edges(train) if args.captions == "attributes" else None
+    captioned = CaptionedImages(train.images, image_properties(train, edges), captions)
+    return TrainingData(captioned, splits.val.to(args.device), splits.test.to(args.device), captions.class_captions())
+
+
+@dataclass
 class Loop:
     """What the steps of one training process share, besides the run's state: how and where it runs."""
 
@@ -328,30 +413,32 @@ def new_run(args: argparse.Namespace, config: CLIPConfig, total_steps: int) -> t
     return state, average
 
 
-def train_one_epoch(loop: Loop, state: RunState, average: MovingAverage, data: CaptionedImages) -> None:
-    """Train on epoch `state.epoch` until it ends, or until a signal asks to stop. A resumed run skips
-    the steps of this epoch it has trained on already."""
+def train_one_epoch(loop: Loop, state: RunState, average: MovingAverage, data: CaptionedImages | PhotoPairs, tokens: torch.Tensor) -> None:
+    """Train on epoch `state.epoch` until it ends, or until a signal asks to stop; `tokens` are those of
+    every caption of `data`. A resumed run skips the steps of this epoch it has trained on already."""
     args, model = loop.args, state.training_model
     # The data order depends on (seed, epoch) alone, so a resumed run sees the same batches.
     order = torch.Generator(args.device).manual_seed(args.seed * 100_003 + state.epoch)
     done = state.step - state.epoch * loop.steps_per_epoch
     progress = tqdm(
-        islice(shuffled_batches(len(data.split), args.batch_size, order), done, loop.steps_per_epoch),
+        islice(shuffled_batches(len(data), args.batch_size, order), done, loop.steps_per_epoch),
         initial=done,
         total=loop.steps_per_epoch,
         desc=f"epoch {state.epoch + 1}/{loop.epochs}",
         leave=False,
     )
-    augment = Augmentation(args.max_shift, args.max_rotation, args.max_scale, args.flip, args.erase)
+    if args.dataset == "captions":
+        augment = PhotoAugmentation(args.crop_area, args.flip)
+    else:
+        augment = Augmentation(args.max_shift, args.max_rotation, args.max_scale, args.flip, args.erase)
     model.train()
     for batch in progress:
-        images = augment(data.split.images[batch], state.rng.augment)
-        describes = data.captions.describes(data.properties[batch])  # (B, K): which captions describe which image
-        captions = torch.multinomial(describes.float(), 1, generator=state.rng.captions)[:, 0]  # one of them per image
+        # A collection too large for memory stays memory-mapped on the CPU: its batch is gathered there.
+        images = augment(data.images[batch.to(data.images.device)].to(args.device), state.rng.augment)
+        captions, positives = data.draw(batch, state.rng.captions)  # one caption per image; (B, B) which describe which
         distinct, column = captions.unique(return_inverse=True)  # a caption that several images drew is encoded once
         with autocast(args.device, loop.precision):
-            logits = model(normalize(images).contiguous(memory_format=torch.channels_last), data.tokens[distinct])[:, column]
-        positives = describes[:, captions]  # (B, B): whether image j's caption describes image i
+            logits = model(normalize(images).contiguous(memory_format=torch.channels_last), tokens[distinct])[:, column]
         loss = clip_loss(logits, positives)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -373,32 +460,35 @@ def train_one_epoch(loop: Loop, state: RunState, average: MovingAverage, data: C
             return
 
 
-def validate(loop: Loop, state: RunState, split: Split, seconds: float) -> None:
+def validate(loop: Loop, state: RunState, split: Split | CaptionedPhotos, seconds: float) -> None:
     """End the epoch: score the moving average on the validation split, record the epoch, save
-    last.pt, and best.pt when the accuracy is the best so far."""
-    accuracy = zero_shot_accuracy(state.model, split.images, split.labels, loop.precision)
-    improved = accuracy > state.best_accuracy
-    state.history.append(
-        {
-            "epoch": state.epoch + 1,
-            "step": state.step,
-            "train_loss": state.epoch_loss_sum.item() / loop.steps_per_epoch,
-            "val_accuracy": accuracy,
-            "logit_scale": state.model.logit_scale.exp().item(),
-            "seconds": seconds,
-            "precision": loop.precision,  # what ran, where --precision auto chose: a resumed run may change machine
-        }
-    )
+    last.pt, and best.pt when the score is the best so far. Labelled images are scored by zero-shot
+    accuracy; captioned photos by retrieval, RSum, of which `best_accuracy` keeps the mean recall (RSum / 600)."""
+    record = {
+        "epoch": state.epoch + 1,
+        "step": state.step,
+        "train_loss": state.epoch_loss_sum.item() / loop.steps_per_epoch,
+        "logit_scale": state.model.logit_scale.exp().item(),
+        "seconds": seconds,
+        "precision": loop.precision,  # what ran, where --precision auto chose: a resumed run may change machine
+    }
+    if isinstance(split, CaptionedPhotos):
+        rsum = retrieval_scores(state.model, split, loop.precision)["rsum"]
+        score, record["val_rsum"], scored = rsum / 600, rsum, f"validation RSum {rsum:.1f}"
+        loop.writer.add_scalar("val/rsum", rsum, state.step)
+    else:
+        score = zero_shot_accuracy(state.model, split.images, split.labels, loop.precision)
+        record["val_accuracy"], scored = score, f"validation accuracy {score:.2%}"
+        loop.writer.add_scalar("val/zero_shot_accuracy", score, state.step)
+    improved = score > state.best_accuracy
+    state.history.append(record)
     state.epoch += 1
     state.epoch_loss_sum = torch.zeros((), device=loop.args.device)  # the next epoch's sum starts from zero
-    state.best_accuracy = max(state.best_accuracy, accuracy)
-    loop.writer.add_scalar("val/zero_shot_accuracy", accuracy, state.step)
+    state.best_accuracy = max(state.best_accuracy, score)
     save(loop, state, "last.pt")
     if improved:
         save(loop, state, "best.pt")
-    print(
-        f"epoch {state.epoch}/{loop.epochs}: loss {state.history[-1]['train_loss']:.4f}, validation accuracy {accuracy:.2%}{' (best)' if improved else ''}, {seconds:.0f}s"
-    )
+    print(f"epoch {state.epoch}/{loop.epochs}: loss {record['train_loss']:.4f}, {scored}{' (best)' if improved else ''}, {seconds:.0f}s")
 
 
 def save(loop: Loop, state: RunState, name: str) -> None:
@@ -420,22 +510,32 @@ def exit_after_signal(loop: Loop, state: RunState) -> NoReturn:
     raise SystemExit(loop.stop.exit_code)
 
 
-def finish(loop: Loop, state: RunState, split: Split, train_seconds: float) -> dict:
+def finish(loop: Loop, state: RunState, split: Split | CaptionedPhotos, train_seconds: float) -> dict:
     """Score the epoch that did best on validation (best.pt), once, on the test split."""
     model = load_model(loop.run_dir / "best.pt", loop.args.device)[0]
-    test_accuracy = zero_shot_accuracy(model, split.images, split.labels, loop.precision)
-    loop.writer.add_scalar("test/zero_shot_accuracy", test_accuracy, state.step)
+    results = {"run_dir": loop.run_dir, "best_val_accuracy": state.best_accuracy, "train_seconds": train_seconds}
+    if isinstance(split, CaptionedPhotos):
+        results["test_retrieval"] = retrieval = retrieval_scores(model, split, loop.precision)
+        loop.writer.add_scalar("test/rsum", retrieval["rsum"], state.step)
+        scored = f"test retrieval ({len(split):,} photos, {len(split.captions):,} captions): {rsum_line(retrieval)}"
+    else:
+        results["test_accuracy"] = accuracy = zero_shot_accuracy(model, split.images, split.labels, loop.precision)
+        loop.writer.add_scalar("test/zero_shot_accuracy", accuracy, state.step)
+        scored = f"test zero-shot accuracy {accuracy:.2%} ({len(split):,} images)"
     loop.writer.close()
-    print(
-        f"test zero-shot accuracy {test_accuracy:.2%} ({len(split):,} images) with the best validation epoch; training took {train_seconds:.0f}s"
-    )
+    print(f"{scored} with the best validation epoch; training took {train_seconds:.0f}s")
     print(f"next: python inference.py --checkpoint {loop.run_dir / 'best.pt'}")
-    return {
-        "run_dir": loop.run_dir,
-        "best_val_accuracy": state.best_accuracy,
-        "test_accuracy": test_accuracy,
-        "train_seconds": train_seconds,
-    }
+    return results
+
+
+def start_from_pretrained(state: RunState, average: MovingAverage, path: Path) -> None:
+    """--pretrained-weights: the image encoder of a fresh run starts from the user's torchvision weights."""
+    try:
+        fresh = load_torchvision_weights(state.training_model.image_encoder, path)
+    except WeightsError as error:
+        raise SystemExit(f"error: {error}") from None
+    average.model.load_state_dict(state.training_model.state_dict())
+    print(f"image encoder from {path}; trained from scratch: {', '.join(fresh) or 'nothing'}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -452,38 +552,33 @@ def run(argv: list[str] | None, stop: GracefulStop) -> dict:
         run_dir = new_run_dir(args.runs_dir, args.run_name, args.dataset)
     precision, why = resolve_precision(args.precision, args.device)
     seed_everything(args.seed)
-    try:
-        splits = load_splits(args.dataset, args.data_dir, args.val_size)
-    except DataError as error:
-        raise SystemExit(f"error: {error}") from None
-    train_split, val_split, test_split = splits.train.to(args.device), splits.val.to(args.device), splits.test.to(args.device)
+    data = load_data(args)
 
-    steps_per_epoch = 2 if args.dry_run else len(train_split) // args.batch_size
+    steps_per_epoch = 2 if args.dry_run else len(data.train) // args.batch_size
     epochs = 1 if args.dry_run else args.epochs
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: --batch-size {args.batch_size} exceeds the {len(train_split)} training images: lower it")
-    captions = training_captions(args.captions, args.dataset)
+        raise SystemExit(f"error: --batch-size {args.batch_size} exceeds the {len(data.train)} training images: lower it")
     # A resumed run is rebuilt from its checkpoint's config, which holds what the model was.
-    config = CLIPConfig.from_dict(checkpoint["config"]) if checkpoint else model_config(args, captions)
+    config = CLIPConfig.from_dict(checkpoint["config"]) if checkpoint else model_config(args, data.train.texts, data.class_captions)
     state, average = new_run(args, config, epochs * steps_per_epoch)
     if checkpoint:
         state.load_state_dict(checkpoint)
-    edges = stroke_edges(train_split) if args.captions == "attributes" else None
-    tokens = state.training_model.tokenize(captions.texts).to(args.device)
-    train_data = CaptionedImages(train_split, image_properties(train_split, edges), captions, tokens)
+    elif args.pretrained_weights is not None:
+        start_from_pretrained(state, average, args.pretrained_weights)
+    tokens = state.training_model.tokenize(data.train.texts).to(args.device)
     loop = Loop(args, precision, run_dir, epochs, steps_per_epoch, SummaryWriter(str(run_dir)), LossWatch(args.device), stop)
 
     print(f"{why}; training on {args.device}, {sum(p.numel() for p in state.model.parameters()):,} parameters, run folder {run_dir}")
     start_time = time.perf_counter()
     while state.epoch < epochs:
-        train_one_epoch(loop, state, average, train_data)
+        train_one_epoch(loop, state, average, data.train, tokens)
         if stop.received:
             save(loop, state, "last.pt")
             exit_after_signal(loop, state)
-        validate(loop, state, val_split, time.perf_counter() - start_time)
+        validate(loop, state, data.val, time.perf_counter() - start_time)
         if stop.received:  # it came during validation; last.pt is saved already
             exit_after_signal(loop, state)
-    return finish(loop, state, test_split, time.perf_counter() - start_time)
+    return finish(loop, state, data.test, time.perf_counter() - start_time)
 
 
 if __name__ == "__main__":

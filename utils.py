@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from dataset import normalize
-from metrics import zero_shot_classification
+from metrics import image_caption_retrieval, zero_shot_classification
 
 
 def positive_int(text: str) -> int:
@@ -172,7 +172,7 @@ class GracefulStop:
 
 @torch.inference_mode()
 def embed_images(model, images: torch.Tensor, precision: str = "fp32", batch_size: int = 1000) -> torch.Tensor:
-    """(N, 28, 28) uint8 images -> (N, embed_dim) unit-norm fp32 embeddings, in eval mode."""
+    """(N, 28, 28) or (N, 3, H, W) uint8 images -> (N, embed_dim) unit-norm fp32 embeddings, in eval mode."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -195,3 +195,30 @@ def zero_shot_accuracy(model, images: torch.Tensor, labels: torch.Tensor, precis
     """Share of images whose most similar digit caption is their own label, as metrics.py counts it."""
     image_features = embed_images(model, images, precision)
     return zero_shot_classification(image_features, class_embeddings(model), labels.to(image_features.device))["top1_accuracy"]
+
+
+@torch.inference_mode()
+def embed_texts(model, texts: list[str], batch_size: int = 1000) -> torch.Tensor:
+    """Captions -> (N, embed_dim) unit-norm fp32 embeddings, in batches."""
+    device = model.logit_scale.device
+    return torch.cat(
+        [model.encode_text(model.tokenize(texts[start : start + batch_size]).to(device)) for start in range(0, len(texts), batch_size)]
+    )
+
+
+def embed_captions(model, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every caption of a split -> (K, embed_dim) unit-norm embeddings and (K,) an id of each caption's text:
+    identical texts share one id (and are embedded once), as training treats them as the same caption."""
+    distinct = sorted(set(captions))
+    text_ids = {text: index for index, text in enumerate(distinct)}
+    caption_text = torch.tensor([text_ids[caption] for caption in captions])
+    features = embed_texts(model, distinct)
+    return features[caption_text.to(features.device)], caption_text.to(features.device)
+
+
+def retrieval_scores(model, photos, precision: str = "fp32") -> dict:
+    """Image-to-text and text-to-image retrieval over a split of captioned photos (caption_data.CaptionedPhotos),
+    as metrics.image_caption_retrieval measures it."""
+    caption_features, caption_text = embed_captions(model, photos.captions)
+    image_features = embed_images(model, photos.images, precision)
+    return image_caption_retrieval(image_features, caption_features, photos.caption_image.to(caption_text.device), caption_text)
