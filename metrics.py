@@ -287,7 +287,9 @@ def image_caption_retrieval(
     texts: training treats identical captions as interchangeable positives, so evaluation does too. With
     distinct strings this is exactly "caption k belongs to image i", the standard Flickr8k measure.
 
-    image_to_text: each image ranks all K captions, and its rank is that of its best-ranked relevant caption;
+    image_to_text: each image ranks the distinct caption texts, and its rank is that of its best-ranked relevant
+    text; copies of one text are one caption (in a real model they have one embedding; otherwise the best of
+    them counts), so a wrong caption that many images share is one caption ahead, not one per copy.
     text_to_image: each caption ranks all N images, and its rank is that of its best-ranked relevant image.
     A rank is 1 + the number of non-relevant items scoring at least as high (see `rank_of_relevant`).
     Each direction reports recall@1, 5 and 10 (fractions), and the median and mean rank; rsum is the sum
@@ -301,13 +303,18 @@ def image_caption_retrieval(
     captionless = int((torch.bincount(caption_image, minlength=n) == 0).sum())
     if captionless:
         raise ValueError(f"{captionless} of the {n} images have no caption: image-to-text retrieval needs at least one for each")
+    texts, text_column = caption_text.unique(return_inverse=True)
     image_ranks, caption_ranks = [], []
     matching_sum, total_sum, n_matching = 0.0, 0.0, 0
     for start in range(0, n, chunk_size):
         images = range(start, min(start + chunk_size, n))
         similarities = image_features[images.start : images.stop] @ caption_features.T  # (B, K)
         relevant = caption_relevance(caption_image, caption_text, images, range(k))
-        image_ranks.append(rank_of_relevant(similarities, relevant))
+        # Each distinct text's best copy, and whether it is relevant: (B, T).
+        columns = text_column.expand(len(images), -1)
+        text_scores = similarities.new_full((len(images), len(texts)), -float("inf")).scatter_reduce(1, columns, similarities, "amax")
+        text_relevant = torch.zeros_like(text_scores, dtype=torch.bool).scatter_reduce(1, columns, relevant, "amax")
+        image_ranks.append(rank_of_relevant(text_scores, text_relevant))
         matching_sum += torch.where(relevant, similarities, 0).sum(dtype=torch.float64).item()
         total_sum += similarities.sum(dtype=torch.float64).item()
         n_matching += int(relevant.sum())

@@ -280,9 +280,10 @@ HAND_CAPTION_TEXT = torch.tensor([7, 3, 11, 7, 5])
 
 def test_image_caption_retrieval_matches_a_hand_computed_case():
     result = image_caption_retrieval(HAND_IMAGES, HAND_CAPTIONS, HAND_CAPTION_IMAGE, HAND_CAPTION_TEXT)
-    # Image to text. Image 0: its best relevant caption is 3 (image 2's, the same string as its own caption 0), at .8,
-    # above everything: rank 1. Image 1: caption 2 at .6, below caption 0 (.8) and tied with caption 1 (.6),
-    # and a tie counts against it: rank 3. Image 2: caption 4 at .6, below caption 2 (.8): rank 2.
+    # Image to text ranks the four distinct texts, each by its best copy (text 7: the better of captions 0 and 3).
+    # Image 0: its best relevant text is 7 (caption 3, image 2's, the same string as its own caption 0), at .8,
+    # above everything: rank 1. Image 1: text 11 at .6, below text 7 (.8) and tied with text 3 (.6),
+    # and a tie counts against it: rank 3. Image 2: text 5 at .6, below text 11 (.8): rank 2.
     assert result["image_to_text"] == pytest.approx(
         {"recall@1": 1 / 3, "recall@5": 1.0, "recall@10": 1.0, "median_rank": 2.0, "mean_rank": 2.0}
     )
@@ -337,8 +338,12 @@ def test_image_caption_retrieval_ranks_and_scores_as_the_definitions_do():
     relevant = torch.tensor([[text in texts for text in caption_text.tolist()] for texts in texts_of])  # (N, K)
     assert relevant.sum() > len(caption_text)  # some strings repeat across images, so the two definitions differ here
     similarities = images @ captions.T
+    # Image to text ranks each distinct text once, by its best copy.
+    texts = caption_text.unique().tolist()
+    text_scores = torch.stack([similarities[:, caption_text == text].amax(dim=1) for text in texts], dim=1)
+    text_relevant = torch.tensor([[text in texts_of_image for text in texts] for texts_of_image in texts_of])
     for direction, ranks in (
-        ("image_to_text", ranks_by_definition(similarities, relevant)),
+        ("image_to_text", ranks_by_definition(text_scores, text_relevant)),
         ("text_to_image", ranks_by_definition(similarities.T, relevant.T)),
     ):
         recalls = {f"recall@{k}": sum(rank <= k for rank in ranks) / len(ranks) for k in RECALL_AT}
@@ -348,6 +353,18 @@ def test_image_caption_retrieval_ranks_and_scores_as_the_definitions_do():
     assert result["similarity"] == pytest.approx(
         {"matching": matching, "non_matching": non_matching, "gap": matching - non_matching}, abs=1e-6
     )
+
+
+def test_copies_of_a_wrong_caption_count_once_ahead_of_the_right_one():
+    # Image 0's own caption (text 1) scores .6; a wrong one (text 0), which five other images share, .8. Ranking the
+    # copies would put image 0 sixth; ranking texts puts it second.
+    caption_image = torch.tensor([0, 0, 1, 2, 3, 4, 5])
+    caption_text = torch.tensor([1, 2, 0, 0, 0, 0, 0])
+    images = F.normalize(torch.tensor([[0.6, 0.8, 0.0]]), dim=1).expand(6, 3)
+    captions = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], *[[0.0, 1.0, 0.0]] * 5])
+    result = image_caption_retrieval(images, captions, caption_image, caption_text)
+    assert result["image_to_text"]["recall@5"] == 1.0  # image 0 second; images 1 to 5 first
+    assert result["image_to_text"]["mean_rank"] == pytest.approx((2 + 5 * 1) / 6)
 
 
 def test_chunked_image_caption_retrieval_equals_one_chunk():
