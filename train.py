@@ -227,7 +227,7 @@ def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) 
         p.error(f"--image-size: the images of {args.dataset} are 28 pixels on a side; other sizes are for --dataset captions")
     if args.dataset == "captions" and args.val_size is not None:
         p.error(
-            "--val-size: a captions collection holds out 10%% of its photos for validation and 10%% for test (or uses Flickr8k's own splits)"
+            "--val-size: a captions collection holds out 10% of its photos for validation and 10% for test (or uses Flickr8k's own splits)"
         )
     if args.pretrained_weights is not None and args.image_encoder != "resnet18":
         p.error("--pretrained-weights loads torchvision's resnet18: add --image-encoder resnet18")

@@ -4,16 +4,18 @@ real pictures (the offline digits) exported as files by export_captions.py, read
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import pytest
 import torch
+from test_resume import signal_on_call, stopped_run
 
 import export_captions
 import inference
 import train
 from caption_data import PhotoPairs, collection_from_tensors, load_caption_collection
-from checkpoint import load_model
+from checkpoint import load_checkpoint, load_model
 from utils import retrieval_scores
 
 TINY = ["--image-size", "28", "--image-widths", "8,16", "--embed-dim", "16", "--batch-size", "32", "--log-interval", "2"]
@@ -44,6 +46,19 @@ def test_training_on_captioned_photos_selects_by_rsum_and_scores_the_test_split(
     recalls = [test[way][f"recall@{k}"] for way in ("image_to_text", "text_to_image") for k in (1, 5, 10)]
     assert test["rsum"] == pytest.approx(100 * sum(recalls))
     assert len(list(cache.glob("*.npy"))) == 1  # the photos were decoded once, into the cache
+
+
+def test_a_photo_run_stopped_by_a_signal_and_resumed_ends_as_the_uninterrupted_one(exported, photo_run, tmp_path: Path, monkeypatch):
+    result, cache = photo_run
+    argv = ["--dataset", "captions", "--data-dir", str(exported.folder), "--cache-dir", str(cache), *TINY, "--epochs", "2"]
+    signal_on_call(monkeypatch, "clip_loss", 12, signal.SIGTERM)  # mid-epoch 2 (9 steps of 32 photos an epoch)
+    assert stopped_run([*argv, "--runs-dir", str(tmp_path), "--run-name", "photos"]) == 143
+    monkeypatch.undo()
+    train.main(["--resume", str(tmp_path / "photos" / "last.pt")])
+    resumed, uninterrupted = load_checkpoint(tmp_path / "photos" / "last.pt"), load_checkpoint(result["run_dir"] / "last.pt")
+    for name, weights in uninterrupted["training_model"].items():
+        assert torch.equal(resumed["training_model"][name], weights), name
+    assert [e["val_rsum"] for e in resumed["history"]] == [e["val_rsum"] for e in uninterrupted["history"]]
 
 
 def test_the_file_pipeline_gives_what_the_in_memory_one_gives_on_the_same_pictures(exported, photo_run, tmp_path: Path):
@@ -107,6 +122,7 @@ def test_pairs_draw_one_caption_per_photo_and_identical_texts_are_positives():
         (["--captions", "templates"], "brings its own"),
         (["--text-encoder", "digit"], "need --text-encoder transformer or lstm"),
         (["--pretrained-weights", "weights.pth"], "add --image-encoder resnet18"),
+        (["--val-size", "10"], "holds out 10% of its photos for validation and 10% for test"),
     ],
 )
 def test_settings_a_collection_cannot_train_with_give_one_line(
