@@ -62,8 +62,10 @@ def train_and_compare(
     result = train.main([*argv, *options, "--runs-dir", str(runs_dir), "--run-name", name])
     model, state = load_model(result["run_dir"] / "best.pt")
     in_memory = collection_from_tensors(exported.images[:, None].expand(-1, 3, -1, -1).contiguous(), exported.captions, exported.files)
+    # The command as a reader would type it: the exported folders were temporary.
+    shown = [*argv[:3], f"EXPORTED/{exported.folder.name}", "--cache-dir", "CACHE", *argv[6:], *options]
     return {
-        "command": " ".join(["python train.py", *argv, *options]),
+        "command": " ".join(["python train.py", *shown]),
         "train_seconds": result["train_seconds"],
         "best_epoch": state["epoch"],
         "test_from_files": result["test_retrieval"],
