@@ -292,20 +292,21 @@ def load_photo_gallery(model: CLIP, state: dict, args: argparse.Namespace, preci
 
 
 def rank_captions(gallery: PhotoGallery, name: str, features: torch.Tensor, own_index: int | None = None) -> dict:
-    """Print the split's TOP_K captions nearest to one photo's (D,) features, marking those that are its own
-    when it is one of the split's photos (`own_index`)."""
-    top = (gallery.caption_features @ features).cpu().topk(min(TOP_K, len(gallery.photos.captions)))
+    """Print the split's TOP_K caption texts nearest to one photo's (D,) features, marking those that are its
+    own when it is one of the split's photos (`own_index`); a text that several photos share is listed once."""
+    photos = gallery.photos
+    own = {c for c, photo in zip(photos.captions, photos.caption_image.tolist(), strict=True) if photo == own_index}
+    first = {}  # each distinct text's first caption
+    for index, caption in enumerate(photos.captions):
+        first.setdefault(caption, index)
+    texts = list(first)
+    top = (gallery.caption_features[list(first.values())] @ features).cpu().topk(min(TOP_K, len(texts)))
+    captions = [texts[k] for k in top.indices.tolist()]
     print(f"{name}: the {gallery.name} captions nearest to it")
-    captions = [gallery.photos.captions[k] for k in top.indices.tolist()]
-    owners = gallery.photos.caption_image[top.indices].tolist()
-    for caption, cosine, owner in zip(captions, top.values.tolist(), owners, strict=True):
-        mark = " (its own)" if owner == own_index else ""
-        print(f"  {cosine:+.3f}  {caption}{mark}")
-    if own_index is not None:
-        print(
-            "  its own captions: "
-            + " | ".join(c for c, o in zip(gallery.photos.captions, gallery.photos.caption_image.tolist(), strict=True) if o == own_index)
-        )
+    for caption, cosine in zip(captions, top.values.tolist(), strict=True):
+        print(f"  {cosine:+.3f}  {caption}{' (its own)' if caption in own else ''}")
+    if own:
+        print("  its own captions: " + " | ".join(sorted(own)))
     return {"name": name, "captions": captions, "cosines": top.values.tolist()}
 
 
@@ -348,6 +349,8 @@ def photo_main(model: CLIP, state: dict, args: argparse.Namespace, precision: st
             raise SystemExit(f"error: --index {args.index} is outside the {gallery.name} split: pick 0 to {len(gallery.photos) - 1}")
         name = f"{gallery.name} photo {args.index} ({gallery.photos.files[args.index]})"
         queries.append(rank_captions(gallery, name, gallery.image_features[args.index], args.index))
+        if classes is not None:
+            print_similarities(name, classes, *class_probabilities(model, classes, gallery.image_features[args.index]))
     if args.text is not None:
         show_photos_for_caption(model, gallery, args.text, output_dir)
     return {"queries": queries}

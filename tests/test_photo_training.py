@@ -79,7 +79,7 @@ def test_inference_ranks_captions_for_a_photo_and_photos_for_a_caption(photo_run
     result, cache = photo_run
     checkpoint = str(result["run_dir"] / "best.pt")
     out = inference.main(["--checkpoint", checkpoint, "--index", "3", "--text", "a thick 7", "--output-dir", str(tmp_path)])
-    assert len(out["queries"][0]["captions"]) == 5
+    assert len(set(out["queries"][0]["captions"])) == 5  # five distinct texts, though many photos share some
     assert (tmp_path / "text_retrieval_a-thick-7.png").is_file()
     picture = exported.folder / exported.files[0]
     out = inference.main(["--checkpoint", checkpoint, "--image", str(picture), "--labels", "zero,one", "--output-dir", str(tmp_path)])
