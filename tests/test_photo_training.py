@@ -75,6 +75,17 @@ def test_the_file_pipeline_gives_what_the_in_memory_one_gives_on_the_same_pictur
     assert retrieval_scores(model, from_files.test) == retrieval_scores(model, in_memory.test)
 
 
+@pytest.mark.parametrize("layout", ["json", "folders"])
+def test_every_layout_of_the_same_pictures_loads_as_the_in_memory_collection(exported, tmp_path: Path, layout: str):
+    again = export_captions.export("digits", layout, tmp_path / layout)
+    assert torch.equal(again.images, exported.images) and again.captions == exported.captions
+    from_files = load_caption_collection(again.folder, 28, tmp_path / "cache")
+    in_memory = collection_from_tensors(again.images[:, None].expand(-1, 3, -1, -1), again.captions, again.files)
+    for name in ("train", "val", "test"):
+        a, b = getattr(from_files, name), getattr(in_memory, name)
+        assert a.files == b.files and a.captions == b.captions and torch.equal(a.images, b.images)
+
+
 def test_inference_ranks_captions_for_a_photo_and_photos_for_a_caption(photo_run, exported, tmp_path: Path, capsys):
     result, cache = photo_run
     checkpoint = str(result["run_dir"] / "best.pt")
