@@ -1,18 +1,33 @@
-"""distributed.py: two gloo processes on the CPU compute the same loss and gradients as one process
-on the whole batch."""
+"""distributed.py and train.py under torchrun: two gloo processes on the CPU compute the same loss and
+gradients as one process on the whole batch, through the real model and DistributedDataParallel; a
+two-process run writes one run folder that inference.py loads; stopped by SIGTERM and resumed, it ends
+as the uninterrupted one."""
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from test_train_inference import TINY, flatten
 
-from clip import clip_loss
-from distributed import Process, local_clip_loss, shard
+import inference
+import train
+from checkpoint import load_checkpoint
+from clip import CLIP, CLIPConfig, clip_loss
+from distributed import ONE_PROCESS, Process, local_clip_loss, mean, shard, wrap
+from text_encoder import DIGIT_CAPTIONS
 
 GLOBAL_BATCH, DIM, WORLD_SIZE = 8, 6, 2
+LABELS = torch.tensor([0, 1, 0, 2, 1, 1, 3, 0])  # repeated classes: several positives per row
+REPOSITORY = Path(__file__).resolve().parents[1]
 
 
 def encoders() -> tuple[nn.Module, nn.Module]:
@@ -23,8 +38,7 @@ def encoders() -> tuple[nn.Module, nn.Module]:
 def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     images, texts = torch.randn(GLOBAL_BATCH, 5, generator=generator), torch.randn(GLOBAL_BATCH, 3, generator=generator)
-    labels = torch.tensor([0, 1, 0, 2, 1, 1, 3, 0])  # repeated classes: several positives per row
-    return images, texts, labels[:, None] == labels[None, :]
+    return images, texts, LABELS[:, None] == LABELS[None, :]
 
 
 def one_process() -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -43,7 +57,7 @@ def each_process(rank: int, store: str, results: dict) -> None:
     images, texts, positives = batch()
     mine = shard(torch.arange(GLOBAL_BATCH), process)
     image_features, text_features = F.normalize(image_encoder(images[mine]), dim=1), F.normalize(text_encoder(texts[mine]), dim=1)
-    loss = local_clip_loss(image_features, text_features, torch.tensor(10.0), positives, process)
+    loss, _ = local_clip_loss(image_features, text_features, torch.tensor(10.0), positives, process)
     loss.backward()
     mean_loss, grads = loss.detach().clone(), [p.grad for p in (*image_encoder.parameters(), *text_encoder.parameters())]
     for tensor in (mean_loss, *grads):  # the mean over processes, as DistributedDataParallel takes it
@@ -62,3 +76,117 @@ def test_two_processes_give_the_loss_and_gradients_of_one_on_the_whole_batch(tmp
         assert torch.allclose(loss, expected_loss, atol=1e-5)
         for grad, expected in zip(grads, expected_grads, strict=True):
             assert torch.allclose(grad, expected, atol=1e-5)
+
+
+def clip_step(process: Process) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training step's loss of the whole batch and every parameter's gradient, as train.py computes them:
+    the CLIP model, called through distributed.wrap (DistributedDataParallel among several processes), and
+    train.batch_loss. Batch norm reads its running statistics (eval mode), so that each image's features
+    are its own: in training, each process normalises its own images (the README's Many GPUs)."""
+    torch.manual_seed(0)
+    model = CLIP(CLIPConfig(image_widths=(8, 16), text_hidden_dim=16, embed_dim=12)).eval()
+    with torch.no_grad():  # off the initial weights, whose zeroed batch-norm scales would zero some gradients
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    images = torch.randn(GLOBAL_BATCH, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+    tokens, positives = model.tokenize(DIGIT_CAPTIONS), LABELS[:, None] == LABELS[None, :]
+    distinct, column = shard(LABELS, process).unique(return_inverse=True)  # each image's caption: its digit
+    wrapped = wrap(model, process)  # kept until after backward, which it hooks into to average the gradients
+    features = wrapped(images[shard(torch.arange(GLOBAL_BATCH), process)], tokens[distinct], features=True)
+    loss, _ = train.batch_loss(*features, column, positives, process)
+    loss.backward()
+    return mean(loss.detach(), process), {name: p.grad for name, p in model.named_parameters()}
+
+
+def each_process_of_clip(rank: int, store: str, results: dict) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
+    results[rank] = clip_step(Process(rank, WORLD_SIZE, rank))
+    dist.destroy_process_group()
+
+
+def test_the_clip_model_in_distributed_data_parallel_gives_the_loss_and_gradients_of_one_process(tmp_path: Path):
+    expected_loss, expected_grads = clip_step(ONE_PROCESS)
+    assert all(grad.any() for grad in expected_grads.values())
+    results = mp.Manager().dict()
+    mp.spawn(each_process_of_clip, args=(str(tmp_path / "store"), results), nprocs=WORLD_SIZE)
+    for rank in range(WORLD_SIZE):
+        loss, grads = results[rank]
+        assert torch.allclose(loss, expected_loss, atol=1e-5, rtol=0)
+        assert grads.keys() == expected_grads.keys()
+        for name, grad in grads.items():
+            assert torch.allclose(grad, expected_grads[name], atol=1e-5, rtol=0), name
+
+
+def torchrun(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """train.py with these arguments, in two processes on the CPU, started by torchrun."""
+    return subprocess.run(torchrun_command(*argv), cwd=REPOSITORY, env=unbuffered(), capture_output=True, text=True, timeout=timeout)
+
+
+def torchrun_command(*argv: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD_SIZE), "train.py", *argv]
+
+
+def unbuffered() -> dict[str, str]:
+    return os.environ | {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}  # lines as they are printed
+
+
+THREE_EPOCHS = [*TINY, "--epochs", "3", "--device", "cpu", "--precision", "fp32"]  # 8 steps of 128 an epoch
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    runs = tmp_path_factory.mktemp("runs")
+    return runs, torchrun(*THREE_EPOCHS, "--runs-dir", str(runs))
+
+
+def test_two_processes_write_one_run_that_inference_loads(two_process_run, tmp_path: Path):
+    runs, result = two_process_run
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = runs.iterdir()  # one run folder, named by the main process
+    assert {"best.pt", "last.pt"} <= {path.name for path in run_dir.iterdir()}
+    assert len(list(run_dir.glob("events.out.tfevents*"))) == 1  # the main process's logs alone
+    assert result.stdout.count("epoch 3/3:") == 1 and result.stdout.count("test zero-shot accuracy") == 1  # printed once
+    last = load_checkpoint(run_dir / "last.pt")
+    assert last["step"] == 24 and last["rng"]["augment_per_process"].shape[0] == WORLD_SIZE
+    assert not torch.equal(*last["rng"]["augment_per_process"])  # each process augments its images its own way
+    out = inference.main(["--checkpoint", str(run_dir / "best.pt"), "--precision", "fp32", "--output-dir", str(tmp_path)])
+    assert f"test zero-shot accuracy {out['accuracy']:.2%}" in result.stdout  # the same model, on the same test split
+
+
+def test_two_processes_stopped_by_sigterm_save_once_and_resume_to_the_uninterrupted_run(two_process_run, tmp_path: Path, capsys):
+    runs, _ = two_process_run
+    job = subprocess.Popen(
+        torchrun_command(*THREE_EPOCHS, "--runs-dir", str(tmp_path), "--run-name", "run"),
+        cwd=REPOSITORY,
+        env=unbuffered(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    for line in job.stdout:
+        if line.startswith("epoch 1/3:"):  # two epochs to go: the signal comes mid-run
+            job.send_signal(signal.SIGTERM)  # to torchrun, which passes it on to both processes
+            break
+    _, stderr = job.communicate(timeout=120)
+    last = tmp_path / "run" / "last.pt"
+    assert stderr.count("stopped by SIGTERM after step") == 1, stderr[-3000:]  # the main process's message
+    assert "Unable to shutdown process" not in stderr  # both exited after saving, before torchrun would kill them
+    stopped = load_checkpoint(last)
+    assert 8 <= stopped["step"] < 24
+
+    one = tmp_path / "one" / "run"  # the same run, continued by one process instead
+    shutil.copytree(last.parent, one)
+    assert train.main(["--resume", str(one / "last.pt")])["run_dir"] == one
+    assert "note: the run was trained by 2 processes and continues on 1" in capsys.readouterr().out
+    assert load_checkpoint(one / "last.pt")["step"] == 24
+
+    resumed = torchrun("--resume", str(last))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    (run_dir,) = runs.iterdir()
+    expected, final = load_checkpoint(run_dir / "last.pt"), load_checkpoint(last)
+    assert final["step"] == expected["step"] == 24
+    for key in ("training_model", "model", "optimizer", "rng"):
+        flat, flat_expected = flatten(final[key]), flatten(expected[key])
+        assert flat.keys() == flat_expected.keys()
+        assert all(torch.equal(value, flat_expected[name]) for name, value in flat.items()), key
