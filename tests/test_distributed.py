@@ -18,12 +18,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from test_train_inference import TINY, flatten
 
+import export_captions
 import inference
 import train
-from checkpoint import load_checkpoint
+from caption_data import load_caption_collection
+from checkpoint import load_checkpoint, load_model
 from clip import CLIP, CLIPConfig, clip_loss
-from distributed import ONE_PROCESS, Process, local_clip_loss, mean, shard, wrap
+from distributed import ONE_PROCESS, Process, gathered_parts, local_clip_loss, mean, mean_of_parts, part, shard, wrap
 from text_encoder import DIGIT_CAPTIONS
+from utils import retrieval_scores
 
 GLOBAL_BATCH, DIM, WORLD_SIZE = 8, 6, 2
 LABELS = torch.tensor([0, 1, 0, 2, 1, 1, 3, 0])  # repeated classes: several positives per row
@@ -90,6 +93,7 @@ def clip_step(process: Process) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
             parameter.add_(0.1 * torch.randn_like(parameter))
     images = torch.randn(GLOBAL_BATCH, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     tokens, positives = model.tokenize(DIGIT_CAPTIONS), LABELS[:, None] == LABELS[None, :]
+    positives[0, 3] = True  # caption 3 describes image 0 too, not the reverse: positives need not be symmetric
     distinct, column = shard(LABELS, process).unique(return_inverse=True)  # each image's caption: its digit
     wrapped = wrap(model, process)  # kept until after backward, which it hooks into to average the gradients
     features = wrapped(images[shard(torch.arange(GLOBAL_BATCH), process)], tokens[distinct], features=True)
@@ -116,6 +120,24 @@ def test_the_clip_model_in_distributed_data_parallel_gives_the_loss_and_gradient
         assert grads.keys() == expected_grads.keys()
         for name, grad in grads.items():
             assert torch.allclose(grad, expected_grads[name], atol=1e-5, rtol=0), name
+
+
+def each_process_of_a_split(rank: int, store: str, results: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
+    process, items = Process(rank, WORLD_SIZE, rank), torch.arange(7.0)[:, None] * torch.tensor([1.0, -1.0])  # (7, 2)
+    mine = items[part(len(items), process)]
+    results[rank] = (gathered_parts(mine, len(items), process), mean_of_parts(mine[:, 0].mean().item(), len(mine), process))
+    dist.destroy_process_group()
+
+
+def test_the_parts_of_a_split_that_does_not_divide_evenly_gather_to_the_whole_split(tmp_path: Path):
+    items = torch.arange(7.0)[:, None] * torch.tensor([1.0, -1.0])
+    assert [len(range(7)[part(7, Process(rank, WORLD_SIZE))]) for rank in range(WORLD_SIZE)] == [3, 4]
+    results = mp.Manager().dict()
+    mp.spawn(each_process_of_a_split, args=(str(tmp_path / "store"), results), nprocs=WORLD_SIZE)
+    for rank in range(WORLD_SIZE):
+        gathered, mean_of_all = results[rank]
+        assert torch.equal(gathered, items) and mean_of_all == pytest.approx(3.0)  # not the mean of the parts' means, 2.25
 
 
 def torchrun(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -190,3 +212,14 @@ def test_two_processes_stopped_by_sigterm_save_once_and_resume_to_the_uninterrup
         flat, flat_expected = flatten(final[key]), flatten(expected[key])
         assert flat.keys() == flat_expected.keys()
         assert all(torch.equal(value, flat_expected[name]) for name, value in flat.items()), key
+
+
+def test_two_processes_score_retrieval_on_captioned_photos_as_one_process_does(tmp_path: Path):
+    exported = export_captions.export("digits", "flickr8k", tmp_path / "digits")  # 360 photos, 5 captions each
+    photos = ["--dataset", "captions", "--data-dir", str(exported.folder), "--cache-dir", str(tmp_path / "cache")]
+    small = ["--image-size", "28", "--image-widths", "8,16", "--embed-dim", "16", "--batch-size", "32", "--device", "cpu"]
+    result = torchrun(*photos, *small, "--epochs", "1", "--precision", "fp32", "--runs-dir", str(tmp_path), "--run-name", "run")
+    assert result.returncode == 0, result.stderr[-3000:]
+    collection, (model, best) = load_caption_collection(exported.folder, 28, tmp_path / "cache"), load_model(tmp_path / "run" / "best.pt")
+    assert best["history"][0]["val_rsum"] == pytest.approx(retrieval_scores(model, collection.val)["rsum"], abs=1e-9)
+    assert f"test retrieval (36 photos, 180 captions): RSum {retrieval_scores(model, collection.test)['rsum']:.1f};" in result.stdout
