@@ -1,7 +1,7 @@
 """distributed.py and train.py under torchrun: two gloo processes on the CPU compute the same loss and
-gradients as one process on the whole batch, through the real model and DistributedDataParallel; a
-two-process run writes one run folder that inference.py loads; stopped by SIGTERM and resumed, it ends
-as the uninterrupted one."""
+gradients as one process on the whole batch, through the real model and DistributedDataParallel, and
+score a split as one process does; a two-process run writes one run folder that inference.py loads;
+stopped by SIGTERM and resumed, it ends as the uninterrupted one."""
 
 import os
 import shutil
