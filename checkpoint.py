@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from clip import CLIP, CLIPConfig
+from distributed import ONE_PROCESS, Process, gathered_states
 
 RUNS_DIR = Path("runs")
 FOR_RESUMING = {"for_resuming": True}  # the fields that only resuming needs
@@ -70,15 +71,24 @@ class RandomState:
     """The random generators a run draws from, saved as uint8 tensors, which `weights_only` loading
     accepts: one for augmentation and one for the captions, so that the images a run sees do not
     depend on its captions. Saving torch's global generators too keeps resuming exact if
-    something (dropout, say) starts to draw from them."""
+    something (dropout, say) starts to draw from them.
 
-    def __init__(self, device: torch.device, seed: int):
-        self.device = device
-        self.augment = torch.Generator(device).manual_seed(seed)
+    Among several processes (distributed.py), each augments its own images with its own generator
+    (the main process's is a single process's), and all draw the same captions for the whole batch:
+    every process needs the positives of the global batch. state_dict() gathers every process's
+    augmentation generator, so it is called on every process."""
+
+    AUGMENT_STREAMS = 1_000_003  # apart the seeds of the processes' augmentation, so that no two runs share one
+
+    def __init__(self, device: torch.device, seed: int, process: Process = ONE_PROCESS):
+        self.device, self.process = device, process
+        self.augment = torch.Generator(device).manual_seed(seed + self.AUGMENT_STREAMS * process.rank)
         self.captions = torch.Generator(device).manual_seed(seed + 1)
 
     def state_dict(self) -> dict:
         states = {"device": self.device.type, "augment": self.augment.get_state(), "captions": self.captions.get_state()}
+        if self.process.is_distributed:
+            states["augment_per_process"] = gathered_states(states["augment"], self.process)  # (N, S)
         states["torch"] = torch.get_rng_state()
         if self.device.type == "cuda":
             states["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -91,7 +101,14 @@ class RandomState:
             )
             return
         # Loading moved the states onto the device; a generator wants its state on the CPU.
-        self.augment.set_state(states["augment"].cpu())
+        per_process = states.get("augment_per_process", states["augment"][None])
+        if self.process.rank < len(per_process):
+            # A row is a view into the rows' storage, which set_state misreads (torch 2.14): it gets a copy of its own.
+            self.augment.set_state(per_process[self.process.rank].cpu().clone())
+        if len(per_process) != self.process.world_size:  # the global batches and their captions stay the run's
+            print(
+                f"note: the run was trained by {len(per_process)} processes and continues on {self.process.world_size}: its augmentation continues differently"
+            )
         if "captions" in states:  # runs saved before captions were drawn have none
             self.captions.set_state(states["captions"].cpu())
         torch.set_rng_state(states["torch"].cpu())

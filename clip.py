@@ -105,11 +105,19 @@ class CLIP(nn.Module):
         per_class = features.split([len(captions_of_class) for captions_of_class in class_captions])
         return F.normalize(torch.stack([class_features.mean(dim=0) for class_features in per_class]), dim=-1)
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, images: torch.Tensor, tokens: torch.Tensor, features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(N_images, N_texts) similarity logits of every image with every text, in fp32 under
-        autocast too: bf16's 8-bit mantissa would round cosines near 1 by up to 0.004."""
+        autocast too: bf16's 8-bit mantissa would round cosines near 1 by up to 0.004. With
+        features=True, what they are made of instead, as open_clip returns it: the unit-norm fp32
+        features of the images and of the texts, and the scale exp(logit_scale). Training among
+        several processes needs them to gather the features, and calls forward() all the same,
+        which DistributedDataParallel needs to average the gradients."""
         image_features = self.encode_image(images)
         text_features = self.encode_text(tokens)
+        if features:
+            return image_features, text_features, self.logit_scale.exp()
         with torch.autocast(images.device.type, enabled=False):
             return self.logit_scale.exp() * image_features @ text_features.T
 

@@ -15,12 +15,17 @@ benchmark.py and listed in the README's Results.
 Ctrl-C or SIGTERM ends the current step, saves last.pt and prints the command
 that continues the run exactly where it stopped: python train.py --resume
 runs/<run-name>/last.pt (or --resume latest).
+
+torchrun --nproc_per_node N train.py ... trains one model on N processes (GPUs, or
+CPUs), each on its share of every batch; --batch-size stays the whole batch
+(distributed.py, and the README's Many GPUs).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import signal
 import sys
 import time
 from collections.abc import Iterable
@@ -31,14 +36,17 @@ from pathlib import Path
 from typing import NoReturn
 
 import torch
+import torch.nn as nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+import distributed
 from caption_data import CaptionedPhotos, PhotoPairs, describe, load_caption_collection
 from captions import CAPTION_KINDS, CaptionedImages, image_properties, stroke_edges, training_captions
 from checkpoint import RUNS_DIR, CheckpointError, RandomState, RunState, latest_run, load_checkpoint, load_model, save_checkpoint
 from clip import CLIP, CLIPConfig, clip_loss
 from dataset import DATASETS, Augmentation, DataError, PhotoAugmentation, Split, load_splits, normalize, shuffled_batches
+from distributed import Process, local_clip_loss
 from image_encoder import IMAGE_ENCODERS, WeightsError, load_torchvision_weights
 from metrics import rsum_line
 from text_encoder import TEXT_ENCODERS, CharTokenizer
@@ -63,7 +71,7 @@ from utils import (
 PER_PROCESS_ARGS = ("resume", "run_name", "runs_dir", "device")
 # These may differ from the checkpoint's too; any other setting decides what is trained, and resuming
 # refuses to change it. A run trained in bf16 on one machine continues in fp32 on one without native bf16.
-CHANGEABLE_ARGS = (*PER_PROCESS_ARGS, "precision", "data_dir", "cache_dir", "log_interval", "pretrained_weights")
+CHANGEABLE_ARGS = (*PER_PROCESS_ARGS, "precision", "data_dir", "cache_dir", "log_interval", "pretrained_weights", "compile")
 # Image-caption collections read from files (caption_data.py), beside the data sets of labelled images.
 TRAINING_DATASETS = (*DATASETS, "captions")
 
@@ -211,6 +219,9 @@ def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) 
     p.add_argument("--resume", default=None, help="continue from a last.pt checkpoint, or 'latest'")
     p.add_argument("--log-interval", type=positive_int, default=20, help="steps between loss logs")
     p.add_argument("--dry-run", action="store_true", help="check the pipeline: one epoch of two steps")
+    p.add_argument(
+        "--compile", action="store_true", help="compile the training model with torch.compile: optional, for GPUs; the first steps compile"
+    )
     p.set_defaults(**(run_defaults or {}))
     args = p.parse_args(argv)
     for name, value in (DATASET_DEFAULTS[args.dataset] | CAPTION_DEFAULTS.get(args.captions, {})).items():
@@ -376,6 +387,16 @@ def load_data(args: argparse.Namespace) -> TrainingData:
     return TrainingData(captioned, splits.val.to(args.device), splits.test.to(args.device), captions.class_captions())
 
 
+class NoWriter:
+    """The TensorBoard writer of a process other than the main one: the main one writes the logs."""
+
+    def add_scalar(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 @dataclass
 class Loop:
     """What the steps of one training process share, besides the run's state: how and where it runs."""
@@ -385,12 +406,18 @@ class Loop:
     run_dir: Path
     epochs: int
     steps_per_epoch: int
-    writer: SummaryWriter
+    writer: SummaryWriter | NoWriter
     watch: LossWatch
     stop: GracefulStop
+    model: nn.Module  # what the step calls: the training model, in DistributedDataParallel among several processes, compiled with --compile
+    process: Process
+
+    def stopping(self) -> signal.Signals | None:
+        """The signal that stops the run, the same in every process; None while none came."""
+        return distributed.agreed_signal(self.stop.received, self.process)
 
 
-def new_run(args: argparse.Namespace, config: CLIPConfig, total_steps: int) -> tuple[RunState, MovingAverage]:
+def new_run(args: argparse.Namespace, config: CLIPConfig, total_steps: int, process: Process) -> tuple[RunState, MovingAverage]:
     """A run at step 0: the model, its moving average, AdamW and the one-cycle schedule."""
     device = args.device
     model = CLIP(config).to(device).to(memory_format=torch.channels_last)
@@ -407,7 +434,7 @@ def new_run(args: argparse.Namespace, config: CLIPConfig, total_steps: int) -> t
         training_model=model,
         optimizer=optimizer,
         scheduler=torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps, pct_start=0.25),
-        rng=RandomState(device, args.seed),
+        rng=RandomState(device, args.seed, process),
         epoch_loss_sum=torch.zeros((), device=device),
     )
     return state, average
@@ -426,20 +453,24 @@ def train_one_epoch(loop: Loop, state: RunState, average: MovingAverage, data: C
         total=loop.steps_per_epoch,
         desc=f"epoch {state.epoch + 1}/{loop.epochs}",
         leave=False,
+        disable=not loop.process.is_main,
     )
     if args.dataset == "captions":
         augment = PhotoAugmentation(args.crop_area, args.flip)
     else:
         augment = Augmentation(args.max_shift, args.max_rotation, args.max_scale, args.flip, args.erase)
-    model.train()
+    loop.model.train()
     for batch in progress:
+        mine = distributed.shard(batch, loop.process)  # this process's images of the global batch (all of it in one)
         # A collection too large for memory stays memory-mapped on the CPU: its batch is gathered there.
-        images = augment(data.images[batch.to(data.images.device)].to(args.device), state.rng.augment)
+        images = augment(data.images[mine.to(data.images.device)].to(args.device), state.rng.augment)
+        # Every process draws the captions of the whole batch, the same ones: each needs the (B, B) positives.
         captions, positives = data.draw(batch, state.rng.captions)  # one caption per image; (B, B) which describe which
-        distinct, column = captions.unique(return_inverse=True)  # a caption that several images drew is encoded once
+        # A caption that several images drew is encoded once.
+        distinct, column = distributed.shard(captions, loop.process).unique(return_inverse=True)
         with autocast(args.device, loop.precision):
-            logits = model(normalize(images).contiguous(memory_format=torch.channels_last), tokens[distinct])[:, column]
-        loss = clip_loss(logits, positives)
+            features = loop.model(normalize(images).contiguous(memory_format=torch.channels_last), tokens[distinct], features=True)
+        loss, logits = batch_loss(*features, column, positives, loop.process)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
@@ -447,17 +478,44 @@ def train_one_epoch(loop: Loop, state: RunState, average: MovingAverage, data: C
         model.clamp_logit_scale()
         state.step += 1
         average.update(model, state.step)
-        state.epoch_loss_sum += loss.detach()
-        loop.watch.update(loss.detach(), state.step)
+        whole_batch_loss = distributed.mean(loss.detach(), loop.process)  # the same in every process
+        state.epoch_loss_sum += whole_batch_loss
+        loop.watch.update(whole_batch_loss, state.step)
         if state.step % args.log_interval == 0:  # .item() waits for the device: only at log steps
             loop.watch.check(loop.run_dir / "last.pt")
-            batch_accuracy = positives.gather(1, logits.argmax(dim=1, keepdim=True)).float().mean().item()
-            progress.set_postfix(loss=f"{loss.item():.4f}", acc=f"{batch_accuracy:.3f}")
-            loop.writer.add_scalar("train/loss", loss.item(), state.step)
+            mine_positives = distributed.shard(positives, loop.process)  # (b, B): this process's images' rows
+            batch_accuracy = mine_positives.gather(1, logits.argmax(dim=1, keepdim=True)).float().mean().item()
+            progress.set_postfix(loss=f"{whole_batch_loss.item():.4f}", acc=f"{batch_accuracy:.3f}")
+            loop.writer.add_scalar("train/loss", whole_batch_loss.item(), state.step)
             loop.writer.add_scalar("train/lr", state.scheduler.get_last_lr()[0], state.step)
             loop.writer.add_scalar("train/logit_scale", model.logit_scale.exp().item(), state.step)
-        if loop.stop.received:
+        # Several processes agree on stopping by a message between them, so only at log steps.
+        if (state.step % args.log_interval == 0 or not loop.process.is_distributed) and loop.stopping():
             return
+
+
+def batch_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    scale: torch.Tensor,
+    column: torch.Tensor,
+    positives: torch.Tensor,
+    process: Process,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's loss of the batch, and its (b, B) logits of its images against every caption. image_features:
+    (b, D), text_features: (T, D) of the distinct captions, column: (b,) which of them each image drew."""
+    if process.is_distributed:  # each image's caption, so that every process gathers b of them
+        return local_clip_loss(image_features, text_features[column], scale, positives, process)
+    # fp32 outside autocast, as CLIP.forward computes logits
+    logits = (scale * image_features @ text_features.T)[:, column]
+    return clip_loss(logits, positives), logits
+
+
+def zero_shot_score(model: CLIP, split: Split, precision: str, process: Process) -> float:
+    """Zero-shot accuracy on a split of labelled images: each process scores its part, and the parts are averaged."""
+    mine = distributed.part(len(split.images), process)
+    accuracy = zero_shot_accuracy(model, split.images[mine], split.labels[mine], precision)
+    return distributed.mean_of_parts(accuracy, len(split.images[mine]), process)
 
 
 def validate(loop: Loop, state: RunState, split: Split | CaptionedPhotos, seconds: float) -> None:
@@ -472,12 +530,13 @@ def validate(loop: Loop, state: RunState, split: Split | CaptionedPhotos, second
         "seconds": seconds,
         "precision": loop.precision,  # what ran, where --precision auto chose: a resumed run may change machine
     }
+    distributed.buffers_from_main(state.model, loop.process)  # every process scores the model that the main one saves
     if isinstance(split, CaptionedPhotos):
-        rsum = retrieval_scores(state.model, split, loop.precision)["rsum"]
+        rsum = retrieval_scores(state.model, split, loop.precision, loop.process)["rsum"]
         score, record["val_rsum"], scored = rsum / 600, rsum, f"validation RSum {rsum:.1f}"
         loop.writer.add_scalar("val/rsum", rsum, state.step)
     else:
-        score = zero_shot_accuracy(state.model, split.images, split.labels, loop.precision)
+        score = zero_shot_score(state.model, split, loop.precision, loop.process)
         record["val_accuracy"], scored = score, f"validation accuracy {score:.2%}"
         loop.writer.add_scalar("val/zero_shot_accuracy", score, state.step)
     improved = score > state.best_accuracy
@@ -492,22 +551,26 @@ def validate(loop: Loop, state: RunState, split: Split | CaptionedPhotos, second
 
 
 def save(loop: Loop, state: RunState, name: str) -> None:
-    """Save the run as it stands in the run folder; never a run whose loss or weights are not finite."""
+    """Save the run as it stands in the run folder; never a run whose loss or weights are not finite.
+    Called in every process; the main one writes."""
     last = loop.run_dir / "last.pt"
     loop.watch.check(last)
     if not all_finite(state.training_model.state_dict().values()):
         raise non_finite_error(f"the weights became NaN or infinite by step {state.step}", last)
-    save_checkpoint(state.state_dict(), loop.run_dir / name)
+    checkpoint = state.state_dict()  # in every process: it gathers their random generators
+    if loop.process.is_main:
+        save_checkpoint(checkpoint, loop.run_dir / name)
+    distributed.wait_for_main(loop.process)  # the others may read it next: finish() scores best.pt
 
 
-def exit_after_signal(loop: Loop, state: RunState) -> NoReturn:
+def exit_after_signal(loop: Loop, state: RunState, received: signal.Signals) -> NoReturn:
     loop.writer.close()  # flush the TensorBoard logs too
     last = loop.run_dir / "last.pt"
     print(
-        f"stopped by {loop.stop.received.name} after step {state.step}, saved in {last}; continue with\n  python train.py --resume {last}",
+        f"stopped by {received.name} after step {state.step}, saved in {last}; continue with\n  python train.py --resume {last}",
         file=sys.stderr,
     )
-    raise SystemExit(loop.stop.exit_code)
+    raise SystemExit(128 + received)  # the shell's convention for a process ended by a signal: 130, 143
 
 
 def finish(loop: Loop, state: RunState, split: Split | CaptionedPhotos, train_seconds: float) -> dict:
@@ -515,11 +578,11 @@ def finish(loop: Loop, state: RunState, split: Split | CaptionedPhotos, train_se
     model = load_model(loop.run_dir / "best.pt", loop.args.device)[0]
     results = {"run_dir": loop.run_dir, "best_val_accuracy": state.best_accuracy, "train_seconds": train_seconds}
     if isinstance(split, CaptionedPhotos):
-        results["test_retrieval"] = retrieval = retrieval_scores(model, split, loop.precision)
+        results["test_retrieval"] = retrieval = retrieval_scores(model, split, loop.precision, loop.process)
         loop.writer.add_scalar("test/rsum", retrieval["rsum"], state.step)
         scored = f"test retrieval ({len(split):,} photos, {len(split.captions):,} captions): {rsum_line(retrieval)}"
     else:
-        results["test_accuracy"] = accuracy = zero_shot_accuracy(model, split.images, split.labels, loop.precision)
+        results["test_accuracy"] = accuracy = zero_shot_score(model, split, loop.precision, loop.process)
         loop.writer.add_scalar("test/zero_shot_accuracy", accuracy, state.step)
         scored = f"test zero-shot accuracy {accuracy:.2%} ({len(split):,} images)"
     loop.writer.close()
@@ -539,20 +602,32 @@ def start_from_pretrained(state: RunState, average: MovingAverage, path: Path) -
 
 
 def main(argv: list[str] | None = None) -> dict:
-    with GracefulStop() as stop:
-        return run(argv, stop)
+    process = distributed.this_process()
+    with GracefulStop(second_stops_at_once=not process.is_distributed) as stop:
+        try:
+            return run(argv, stop, process)
+        finally:
+            distributed.leave(process)
 
 
-def run(argv: list[str] | None, stop: GracefulStop) -> dict:
-    """Train as the command line says; `stop` tells the loop when a signal asks it to save and exit."""
+def run(argv: list[str] | None, stop: GracefulStop, process: Process) -> dict:
+    """Train as the command line says, as `process` of those torchrun started (or the only one); `stop`
+    tells the loop when a signal asks it to save and exit."""
     args, checkpoint = parse_args(argv), None
+    distributed.start(process, args.device)
     if args.resume is not None:
         args, checkpoint, run_dir = resumed_settings(argv, args)
-    else:
-        run_dir = new_run_dir(args.runs_dir, args.run_name, args.dataset)
+    else:  # named by the main process: the time in the name may differ between processes
+        run_dir = distributed.from_main(new_run_dir(args.runs_dir, args.run_name, args.dataset) if process.is_main else None, process)
+    args.device = distributed.own_device(process, args.device)
+    if args.batch_size % process.world_size:
+        raise SystemExit(
+            f"error: --batch-size {args.batch_size} is split evenly over the {process.world_size} processes: make it a multiple of {process.world_size}"
+        )
     precision, why = resolve_precision(args.precision, args.device)
     seed_everything(args.seed)
-    data = load_data(args)
+    with distributed.main_first(process):  # the main process downloads the data set, or fills the cache, for all
+        data = load_data(args)
 
     steps_per_epoch = 2 if args.dry_run else len(data.train) // args.batch_size
     epochs = 1 if args.dry_run else args.epochs
@@ -560,24 +635,32 @@ def run(argv: list[str] | None, stop: GracefulStop) -> dict:
         raise SystemExit(f"error: --batch-size {args.batch_size} exceeds the {len(data.train)} training images: lower it")
     # A resumed run is rebuilt from its checkpoint's config, which holds what the model was.
     config = CLIPConfig.from_dict(checkpoint["config"]) if checkpoint else model_config(args, data.train.texts, data.class_captions)
-    state, average = new_run(args, config, epochs * steps_per_epoch)
+    state, average = new_run(args, config, epochs * steps_per_epoch, process)
     if checkpoint:
         state.load_state_dict(checkpoint)
     elif args.pretrained_weights is not None:
         start_from_pretrained(state, average, args.pretrained_weights)
     tokens = state.training_model.tokenize(data.train.texts).to(args.device)
-    loop = Loop(args, precision, run_dir, epochs, steps_per_epoch, SummaryWriter(str(run_dir)), LossWatch(args.device), stop)
+    model = distributed.wrap(state.training_model, process)
+    if args.compile:
+        model = torch.compile(model)
+    writer = SummaryWriter(str(run_dir)) if process.is_main else NoWriter()
+    loop = Loop(args, precision, run_dir, epochs, steps_per_epoch, writer, LossWatch(args.device), stop, model, process)
 
     print(f"{why}; training on {args.device}, {sum(p.numel() for p in state.model.parameters()):,} parameters, run folder {run_dir}")
+    if process.is_distributed:
+        print(
+            f"{process.world_size} processes, each training on {args.batch_size // process.world_size} images of every batch of {args.batch_size}"
+        )
     start_time = time.perf_counter()
     while state.epoch < epochs:
         train_one_epoch(loop, state, average, data.train, tokens)
-        if stop.received:
+        if received := loop.stopping():
             save(loop, state, "last.pt")
-            exit_after_signal(loop, state)
+            exit_after_signal(loop, state, received)
         validate(loop, state, data.val, time.perf_counter() - start_time)
-        if stop.received:  # it came during validation; last.pt is saved already
-            exit_after_signal(loop, state)
+        if received := loop.stopping():  # it came during validation; last.pt is saved already
+            exit_after_signal(loop, state, received)
     return finish(loop, state, data.test, time.perf_counter() - start_time)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from dataset import normalize
+from distributed import ONE_PROCESS, Process, gathered_parts, part
 from metrics import image_caption_retrieval, zero_shot_classification
 
 
@@ -141,9 +142,18 @@ def seed_everything(seed: int) -> None:
 class GracefulStop:
     """Within `with GracefulStop() as stop:`, the first Ctrl-C (SIGINT) or SIGTERM only
     sets `stop.received`, so a training loop can finish its step, save and exit; a second
-    one exits at once, without saving. The previous handlers come back on leaving."""
+    one exits at once, without saving, unless `second_stops_at_once` is False. The previous
+    handlers come back on leaving.
+
+    Under torchrun a process gets each signal twice: from the terminal or the job scheduler,
+    which signal every process of the job, and from torchrun, which passes on what it got. So
+    there a second signal does not stop at once; torchrun kills its processes 30 s after it
+    passed the signal on."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, second_stops_at_once: bool = True):
+        self.second_stops_at_once = second_stops_at_once
 
     def __enter__(self) -> GracefulStop:
         self.received: signal.Signals | None = None
@@ -154,20 +164,20 @@ class GracefulStop:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
 
-    @property
-    def exit_code(self) -> int:
-        """The shell's convention for a process ended by a signal: 130 for SIGINT, 143 for SIGTERM."""
-        return 128 + self.received
-
     def _handle(self, number: int, frame) -> None:
         if self.received is not None:
-            print(f"\n{signal.Signals(number).name} again: stopping now, without saving", file=sys.stderr)
-            raise SystemExit(128 + number)
+            if self.second_stops_at_once:
+                print(f"\n{signal.Signals(number).name} again: stopping now, without saving", file=sys.stderr)
+                raise SystemExit(128 + number)
+            return
         self.received = signal.Signals(number)
-        print(
-            f"\n{self.received.name}: stopping after this training step, which is saved; Ctrl-C again stops at once, unsaved",
-            file=sys.stderr,
-        )
+        if self.second_stops_at_once:
+            print(
+                f"\n{self.received.name}: stopping after this training step, which is saved; Ctrl-C again stops at once, unsaved",
+                file=sys.stderr,
+            )
+        else:
+            print(f"\n{self.received.name}: stopping at the next log step, which is saved", file=sys.stderr)
 
 
 @torch.inference_mode()
@@ -206,19 +216,22 @@ def embed_texts(model, texts: list[str], batch_size: int = 1000) -> torch.Tensor
     )
 
 
-def embed_captions(model, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def embed_captions(model, captions: list[str], process: Process = ONE_PROCESS) -> tuple[torch.Tensor, torch.Tensor]:
     """Every caption of a split -> (K, embed_dim) unit-norm embeddings and (K,) an id of each caption's text:
-    identical texts share one id (and are embedded once), as training treats them as the same caption."""
+    identical texts share one id (and are embedded once), as training treats them as the same caption.
+    Among several processes, each embeds its part of the texts, and every process gets them all."""
     distinct = sorted(set(captions))
     text_ids = {text: index for index, text in enumerate(distinct)}
     caption_text = torch.tensor([text_ids[caption] for caption in captions])
-    features = embed_texts(model, distinct)
+    features = gathered_parts(embed_texts(model, distinct[part(len(distinct), process)]), len(distinct), process)
     return features[caption_text.to(features.device)], caption_text.to(features.device)
 
 
-def retrieval_scores(model, photos, precision: str = "fp32") -> dict:
+def retrieval_scores(model, photos, precision: str = "fp32", process: Process = ONE_PROCESS) -> dict:
     """Image-to-text and text-to-image retrieval over a split of captioned photos (caption_data.CaptionedPhotos),
-    as metrics.image_caption_retrieval measures it."""
-    caption_features, caption_text = embed_captions(model, photos.captions)
-    image_features = embed_images(model, photos.images, precision)
+    as metrics.image_caption_retrieval measures it. Among several processes, each embeds its part of the
+    photos and of the captions, and every process ranks them all: a rank depends on every item."""
+    caption_features, caption_text = embed_captions(model, photos.captions, process)
+    mine = part(len(photos), process)
+    image_features = gathered_parts(embed_images(model, photos.images[mine], precision), len(photos), process)
     return image_caption_retrieval(image_features, caption_features, photos.caption_image.to(caption_text.device), caption_text)
