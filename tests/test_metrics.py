@@ -416,6 +416,14 @@ def test_image_caption_retrieval_refuses_an_image_without_a_caption():
         image_caption_retrieval(torch.eye(3), torch.eye(3), torch.tensor([0, 2, 2]), torch.arange(3))
     with pytest.raises(ValueError, match="images 0 to 2"):
         image_caption_retrieval(torch.eye(3), torch.eye(3), torch.tensor([0, 1, 3]), torch.arange(3))
+    with pytest.raises(ValueError, match="1 of the 3 images have no caption"):  # the last one, past every caption's image
+        image_caption_retrieval(torch.eye(3), torch.eye(3), torch.tensor([0, 0, 1]), torch.arange(3))
+
+
+def test_where_every_pair_is_relevant_the_non_matching_mean_is_nan_not_an_error():
+    # One caption text that both images have: there is no non-matching pair to average.
+    result = image_caption_retrieval(torch.eye(2), torch.eye(2), torch.tensor([0, 1]), torch.tensor([4, 4]))
+    assert result["similarity"]["matching"] == pytest.approx(0.5) and math.isnan(result["similarity"]["non_matching"])
 
 
 def test_rsum_line_prints_percentages_and_median_ranks():
