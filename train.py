@@ -367,6 +367,7 @@ class TrainingData:
     val: Split | CaptionedPhotos
     test: Split | CaptionedPhotos
     class_captions: tuple[tuple[str, ...], ...]  # each class's captions to classify with; none for photos
+    augment: Augmentation | PhotoAugmentation  # how training images are varied, on the device
 
 
 def load_data(args: argparse.Namespace) -> TrainingData:
@@ -376,7 +377,8 @@ def load_data(args: argparse.Namespace) -> TrainingData:
             collection = load_caption_collection(args.data_dir, args.image_size, args.cache_dir)
             print("\n".join(describe(collection)))
             train = PhotoPairs(collection.train.to(args.device), args.device)
-            return TrainingData(train, collection.val.to(args.device), collection.test.to(args.device), ())
+            augment = PhotoAugmentation(args.crop_area, args.flip)
+            return TrainingData(train, collection.val.to(args.device), collection.test.to(args.device), (), augment)
         splits = load_splits(args.dataset, args.data_dir, args.val_size)
     except DataError as error:
         raise SystemExit(f"error: {error}") from None
@@ -384,7 +386,8 @@ def load_data(args: argparse.Namespace) -> TrainingData:
     captions = training_captions(args.captions, args.dataset)
     edges = stroke_edges(train) if args.captions == "attributes" else None
     captioned = CaptionedImages(train.images, image_properties(train, edges), captions)
-    return TrainingData(captioned, splits.val.to(args.device), splits.test.to(args.device), captions.class_captions())
+    augment = Augmentation(args.max_shift, args.max_rotation, args.max_scale, args.flip, args.erase)
+    return TrainingData(captioned, splits.val.to(args.device), splits.test.to(args.device), captions.class_captions(), augment)
 
 
 class NoWriter:
@@ -440,32 +443,28 @@ def new_run(args: argparse.Namespace, config: CLIPConfig, total_steps: int, proc
     return state, average
 
 
-def train_one_epoch(loop: Loop, state: RunState, average: MovingAverage, data: CaptionedImages | PhotoPairs, tokens: torch.Tensor) -> None:
+def train_one_epoch(loop: Loop, state: RunState, average: MovingAverage, data: TrainingData, tokens: torch.Tensor) -> None:
     """Train on epoch `state.epoch` until it ends, or until a signal asks to stop; `tokens` are those of
-    every caption of `data`. A resumed run skips the steps of this epoch it has trained on already."""
-    args, model = loop.args, state.training_model
+    every caption of `data.train`. A resumed run skips the steps of this epoch it has trained on already."""
+    args, model, pairs = loop.args, state.training_model, data.train
     # The data order depends on (seed, epoch) alone, so a resumed run sees the same batches.
     order = torch.Generator(args.device).manual_seed(args.seed * 100_003 + state.epoch)
     done = state.step - state.epoch * loop.steps_per_epoch
     progress = tqdm(
-        islice(shuffled_batches(len(data), args.batch_size, order), done, loop.steps_per_epoch),
+        islice(shuffled_batches(len(pairs), args.batch_size, order), done, loop.steps_per_epoch),
         initial=done,
         total=loop.steps_per_epoch,
         desc=f"epoch {state.epoch + 1}/{loop.epochs}",
         leave=False,
         disable=not loop.process.is_main,
     )
-    if args.dataset == "captions":
-        augment = PhotoAugmentation(args.crop_area, args.flip)
-    else:
-        augment = Augmentation(args.max_shift, args.max_rotation, args.max_scale, args.flip, args.erase)
     loop.model.train()
     for batch in progress:
         mine = distributed.shard(batch, loop.process)  # this process's images of the global batch (all of it in one)
         # A collection too large for memory stays memory-mapped on the CPU: its batch is gathered there.
-        images = augment(data.images[mine.to(data.images.device)].to(args.device), state.rng.augment)
+        images = data.augment(pairs.images[mine.to(pairs.images.device)].to(args.device), state.rng.augment)
         # Every process draws the captions of the whole batch, the same ones: each needs the (B, B) positives.
-        captions, positives = data.draw(batch, state.rng.captions)  # one caption per image; (B, B) which describe which
+        captions, positives = pairs.draw(batch, state.rng.captions)  # one caption per image; (B, B) which describe which
         # A caption that several images drew is encoded once.
         distinct, column = distributed.shard(captions, loop.process).unique(return_inverse=True)
         with autocast(args.device, loop.precision):
@@ -654,7 +653,7 @@ def run(argv: list[str] | None, stop: GracefulStop, process: Process) -> dict:
         )
     start_time = time.perf_counter()
     while state.epoch < epochs:
-        train_one_epoch(loop, state, average, data.train, tokens)
+        train_one_epoch(loop, state, average, data, tokens)
         if received := loop.stopping():
             save(loop, state, "last.pt")
             exit_after_signal(loop, state, received)
