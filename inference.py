@@ -34,7 +34,7 @@ from dataset import CLASS_NAMES, DATASETS, DataError, ImageError, load_splits, l
 from evaluation import TOP_K, CaptionQueries, Gallery, PhotoGallery, evaluate, evaluate_photos, nearest_images
 from metrics import centred, zero_shot_classification
 from text_encoder import DIGIT_CAPTIONS, TextError, normalize_text
-from utils import PRECISIONS, class_embeddings, embed_captions, embed_images, resolve_precision, settle_device
+from utils import PRECISIONS, class_embeddings, embed_captions, embed_images, embed_texts, resolve_precision, settle_device
 
 # Free-text prompts whose similarity with a few test images --evaluate draws, for a model that reads sentences.
 PROMPTS = (
@@ -268,16 +268,15 @@ def load_gallery(model: CLIP, state: dict, args: argparse.Namespace, precision: 
     if model.config.text_encoder == "digit":
         return gallery
 
-    def encode(texts: list[str]) -> torch.Tensor:
-        return model.encode_text(model.tokenize(texts).to(args.device))
-
     gallery.template_sets = {name: model.encode_classes(captions.class_captions()) for name, captions in template_sets(dataset).items()}
-    gallery.prompts = dict(zip(PROMPTS, encode(list(PROMPTS)), strict=True))
+    gallery.prompts = dict(zip(PROMPTS, embed_texts(model, list(PROMPTS)), strict=True))
     if state["args"].get("captions") == "attributes":
         queries, held_out = attribute_queries()
         properties = image_properties(split, stroke_edges(splits.train))
         relevant = queries.describes(properties).T  # (K, N)
-        gallery.attribute_queries = CaptionQueries(queries.texts, encode(queries.texts), relevant, held_out, queries.languages, properties)
+        gallery.attribute_queries = CaptionQueries(
+            queries.texts, embed_texts(model, queries.texts), relevant, held_out, queries.languages, properties
+        )
     return gallery
 
 
