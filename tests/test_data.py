@@ -17,6 +17,7 @@ from dataset import (
     load_splits,
     random_affine,
     random_erase,
+    random_stroke_width,
     to_fashion_style,
     to_mnist_style,
 )
@@ -138,6 +139,20 @@ def test_random_erasing_blanks_one_rectangle_in_the_asked_share_of_images():
     rows, cols = (erased[blanked.argmax()] == 0).nonzero().T
     assert (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1) == blanked.max()  # a filled rectangle
     assert torch.equal(random_erase(images, 0.0, torch.Generator().manual_seed(0)), images)
+
+
+def test_stroke_width_varies_in_the_asked_share_of_images_by_up_to_a_pixel_each_side():
+    images = torch.zeros(400, 28, 28, dtype=torch.uint8)
+    images[:, 6:22, 12:15] = 255  # a bar 3 pixels wide
+    varied = random_stroke_width(images, 0.5, torch.Generator().manual_seed(0))
+    ink = varied.float().sum(dim=(1, 2)) / (255 * 16)  # the bar's width in pixels, at its middle rows' length
+    changed = ~torch.isclose(ink, torch.tensor(3.0))
+    assert 160 < changed.sum() < 240  # about half the images
+    assert (ink > 3.1).any() and (ink < 2.9).any()  # thicker and thinner
+    # Never thinner than its core, nor wider by more than a pixel a side (and a pixel longer or shorter at each end).
+    assert ink.min() >= 1 * 14 / 16 - 0.01 and ink.max() <= 5 * 18 / 16 + 0.01
+    assert torch.allclose(centre_of_mass(varied), centre_of_mass(images[:1]), atol=1e-4)  # where it was
+    assert torch.equal(random_stroke_width(images, 0.0, torch.Generator().manual_seed(0)), images)
 
 
 def test_random_affine_rotates_and_scales_about_the_centre():

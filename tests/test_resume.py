@@ -128,6 +128,17 @@ def test_resuming_with_other_settings_names_the_differing_fields(runs_dir: Path)
     assert "device" not in message and "batch_size" not in message  # where it runs may change; unstated options come from the run
 
 
+def test_a_run_from_before_stroke_augmentation_resumes_without_it(runs_dir: Path):
+    train.main([*TINY, "--dry-run", "--runs-dir", str(runs_dir), "--run-name", "run"])
+    last = runs_dir / "run" / "last.pt"
+    checkpoint = torch.load(last, weights_only=False)
+    del checkpoint["args"]["stroke"]  # as a checkpoint written before --stroke was saved
+    torch.save(checkpoint, last)
+    argv = ["--resume", str(last), "--device", "cpu"]
+    args, _, _ = train.resumed_settings(argv, train.parse_args(argv))
+    assert args.stroke == 0.0 and train.parse_args(TINY).stroke > 0  # the run goes on as it was trained, not with today's default
+
+
 def test_resuming_a_checkpoint_without_training_state_says_what_it_lacks(runs_dir: Path):
     train.main([*TINY, "--dry-run", "--runs-dir", str(runs_dir), "--run-name", "run"])
     best = load_checkpoint(runs_dir / "run" / "best.pt")

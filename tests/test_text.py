@@ -194,10 +194,10 @@ def test_the_digit_encoder_cannot_be_trained_on_sentences(capsys):
     assert "--text-encoder digit reads only the captions 0-9" in capsys.readouterr().err
 
 
-def test_attribute_captions_train_on_unrotated_unscaled_images_unless_asked():
+def test_attribute_captions_train_on_unrotated_unscaled_images_of_unchanged_strokes_unless_asked():
     # The captions state the slant, thickness and width of the image as it is.
     args = train.parse_args(["--captions", "attributes", "--text-encoder", "transformer"])
-    assert (args.max_rotation, args.max_scale, args.max_shift) == (0.0, 0.0, 2.0)
+    assert (args.max_rotation, args.max_scale, args.stroke, args.max_shift) == (0.0, 0.0, 0.0, 2.0)
     args = train.parse_args(["--captions", "attributes", "--text-encoder", "transformer", "--max-rotation", "5"])
     assert args.max_rotation == 5.0
     assert train.parse_args(["--captions", "templates", "--text-encoder", "transformer"]).max_rotation == 10.0
