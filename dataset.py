@@ -216,12 +216,12 @@ def random_stroke_width(images: torch.Tensor, probability: float, generator: tor
     or erosion over 3x3 neighbourhoods. MNIST's writers used pens of much the same width; a finger,
     a mouse or a marker draws wider or thinner (see user_style_digits.py)."""
     u = torch.rand(2, images.shape[0], device=images.device, generator=generator)
-    chosen = (u[1] < probability).nonzero()[:, 0]
-    amount = (u[0][chosen] * 2 - 1)[:, None, None]  # -1: the thinnest, 0: as written, 1: the thickest
-    written = images[chosen]
-    widest = torch.where(amount > 0, extreme_3x3(written, torch.maximum), extreme_3x3(written, torch.minimum)).float()
-    varied = written.float() + amount.abs() * (widest - written.float())
-    return images.index_copy(0, chosen, varied.round().clamp(0, 255).to(torch.uint8))
+    # -1: the thinnest, 0: as written, 1: the thickest. Every image is computed, the unchosen as written:
+    # picking the chosen out would wait for the device once a step.
+    amount = torch.where(u[1] < probability, u[0] * 2 - 1, 0.0)[:, None, None]
+    widest = torch.where(amount > 0, extreme_3x3(images, torch.maximum), extreme_3x3(images, torch.minimum))
+    written = images.float()
+    return (written + amount.abs() * (widest.float() - written)).round().to(torch.uint8)
 
 
 def extreme_3x3(images: torch.Tensor, pick: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
