@@ -266,7 +266,12 @@ def plot_confusion_matrix(confusion: list[list[int]], names: tuple[str, ...] = D
 
 
 def plot_misclassified(
-    images: torch.Tensor, labels: torch.Tensor, predictions: torch.Tensor, names: tuple[str, ...] = DIGITS, columns: int = 10
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    predictions: torch.Tensor,
+    names: tuple[str, ...] = DIGITS,
+    columns: int = 10,
+    title: str = "misclassified test images: true -> predicted",
 ) -> Figure:
     """A gallery of misclassified images, each titled "true -> predicted"."""
     rows = max(1, -(-len(images) // columns))
@@ -277,7 +282,7 @@ def plot_misclassified(
         show_image(
             axis, image, f"{names[label]} ->\n{names[predicted]}" if len(names[label]) > 2 else f"{label} -> {predicted}", color="red"
         )
-    figure.suptitle("misclassified test images: true -> predicted", fontsize=10)
+    figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     return figure
 

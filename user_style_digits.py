@@ -2,6 +2,7 @@
 writers the model never saw, converted as a user's picture is (`inference.py --image`, demo.py).
 
 python user_style_digits.py --checkpoint runs/<run>/best.pt   # accuracy overall and per digit
+python user_style_digits.py --checkpoint runs/<run>/best.pt --figure misread.png   # and the digits it reads wrong
 (inference.py --evaluate reports it too, for a model trained on MNIST)
 
 Each 8x8 digit is drawn dark on light, enlarged as a small scan or photo would be, and put through
@@ -20,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
 
 from checkpoint import CheckpointError, load_model
 from dataset import Split, to_mnist_style
+from figures import plot_misclassified, save
 from metrics import zero_shot_classification
 from utils import class_embeddings, embed_images
 
@@ -44,18 +47,37 @@ def load_user_style_digits(size: int = PICTURE_SIZE, resample: Image.Resampling 
 
 
 def score(model, split: Split, precision: str = "fp32") -> dict:
-    """Zero-shot top-1 accuracy on `split`, overall and per digit, as metrics.py counts it."""
-    features = embed_images(model, split.images, precision)
-    result = zero_shot_classification(features, class_embeddings(model), split.labels.to(features.device))
-    return {"accuracy": result["top1_accuracy"], "per_digit_accuracy": result["per_digit_accuracy"]}
+    """Zero-shot top-1 accuracy on `split`, overall and per digit, as metrics.py counts it; which
+    images it reads wrong (`misread`, their indices) and as what (`read_as`)."""
+    features, classes = embed_images(model, split.images, precision), class_embeddings(model)
+    result = zero_shot_classification(features, classes, split.labels.to(features.device))
+    read_as = (features @ classes.T).argmax(dim=1).cpu()
+    misread = (read_as != split.labels).nonzero()[:, 0]
+    return {
+        "accuracy": result["top1_accuracy"],
+        "per_digit_accuracy": result["per_digit_accuracy"],
+        "misread": misread.tolist(),
+        "read_as": read_as[misread].tolist(),
+    }
+
+
+def plot_misread(split: Split, result: dict) -> Figure:
+    """The digits of `split` that `result` (from score) says were read wrong, each titled "true -> read as"."""
+    misread = torch.tensor(result["misread"], dtype=torch.long)
+    title = f"scikit-learn's digits read wrong, {len(misread)} of {len(split):,}: true -> predicted"
+    return plot_misclassified(split.images[misread], split.labels[misread], torch.tensor(result["read_as"]), title=title)
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, required=True, help="the model to score")
+    p.add_argument("--figure", type=Path, help="also draw the digits it reads wrong, as a PNG at this path")
     args = p.parse_args(argv)
-    result = score(load_model(args.checkpoint)[0], load_user_style_digits())
+    split = load_user_style_digits()
+    result = score(load_model(args.checkpoint)[0], split)
     print(describe(result))
+    if args.figure is not None:
+        print(f"the digits it reads wrong: {save(plot_misread(split, result), args.figure)}")
     return result
 
 

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 import inference
 import user_style_digits
@@ -19,6 +20,14 @@ def test_every_digit_is_scored_and_the_digits_accuracies_make_up_the_whole(digit
     weighted = sum(accuracy * count for accuracy, count in zip(result["per_digit_accuracy"], counts, strict=True)) / sum(counts)
     assert weighted == pytest.approx(result["accuracy"], abs=1e-6)
     assert f"scikit-learn's 1,797 digits as users' pictures: {result['accuracy']:.1%}" in capsys.readouterr().out
+
+
+def test_the_figure_draws_the_digits_read_wrong_and_what_they_were_read_as(digits_checkpoint: Path, tmp_path: Path):
+    result = user_style_digits.main(["--checkpoint", str(digits_checkpoint), "--figure", str(tmp_path / "misread.png")])
+    labels = user_style_digits.load_user_style_digits().labels
+    assert len(result["misread"]) == round((1 - result["accuracy"]) * len(labels)) > 0
+    assert all(labels[i] != read_as for i, read_as in zip(result["misread"], result["read_as"], strict=True))
+    assert Image.open(tmp_path / "misread.png").size[0] > 500
 
 
 def test_evaluate_reports_it_for_a_model_trained_on_mnist_only(mnist_checkpoint: Path, digits_checkpoint: Path, tmp_path: Path):
