@@ -136,7 +136,7 @@ def test_a_run_from_before_stroke_augmentation_resumes_without_it(runs_dir: Path
     torch.save(checkpoint, last)
     argv = ["--resume", str(last), "--device", "cpu"]
     args, _, _ = train.resumed_settings(argv, train.parse_args(argv))
-    assert args.stroke == 0.0 and train.parse_args(TINY).stroke > 0  # the run goes on as it was trained, not with today's default
+    assert args.stroke == 0.0  # the run goes on as it was trained, whatever the default of the day
 
 
 def test_resuming_a_checkpoint_without_training_state_says_what_it_lacks(runs_dir: Path):
