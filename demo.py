@@ -85,6 +85,8 @@ def load_reader(args: argparse.Namespace) -> Reader:
     test = load_splits(dataset, data_dir, val_size=state["args"]["val_size"]).test
     gallery = Gallery("test", test, embed_images(model, test.images, precision), class_embeddings(model), CLASS_NAMES[dataset])
     print(f"loaded {checkpoint} (epoch {state['epoch']}); {why}; {len(test):,} test images embedded")
+    if dataset == "mnist" and not state["args"].get("stroke"):
+        print("this model knows MNIST's pen strokes only: one trained with `python train.py --stroke 0.5` reads drawings better")
     return Reader(model, precision, gallery, Classes(list(CLASS_NAMES[dataset]), gallery.text_features), dataset)
 
 

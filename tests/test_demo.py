@@ -259,6 +259,18 @@ def test_a_model_that_reads_sentences_finds_images_for_any_caption_and_says_wher
     assert images == [] and line.startswith("The caption is empty")
 
 
+def test_a_model_of_mnist_trained_without_stroke_augmentation_is_loaded_with_a_hint_to_train_one_with_it(
+    mnist_checkpoint: Path, tmp_path: Path, capsys
+):
+    demo.load_reader(demo.parse_args(["--checkpoint", str(mnist_checkpoint), "--device", "cpu"]))
+    assert "python train.py --stroke 0.5" in capsys.readouterr().out
+    state = torch.load(mnist_checkpoint, weights_only=False)
+    state["args"]["stroke"] = 0.5  # as a model trained with it
+    torch.save(state, tmp_path / "stroke.pt")
+    demo.load_reader(demo.parse_args(["--checkpoint", str(tmp_path / "stroke.pt"), "--device", "cpu"]))
+    assert "--stroke" not in capsys.readouterr().out
+
+
 def test_a_missing_checkpoint_is_one_line_without_a_traceback(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["demo.py", "--checkpoint", str(tmp_path / "missing.pt")])
     with pytest.raises(SystemExit) as stopped:
