@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import train
 from checkpoint import load_checkpoint, load_model
 from clip import clip_loss
-from dataset import Splits, load_splits, normalize
+from dataset import Split, Splits, load_splits, normalize
 from metrics import image_retrieval
 from user_style_digits import load_user_style_digits
 from user_style_digits import score as score_user_style
@@ -164,8 +164,9 @@ def evaluate(model: nn.Module, test, precision: str) -> dict:
     }
 
 
-def run_project(setting: str, seed: int, args: argparse.Namespace, runs_dir: Path, test, precision: str) -> dict:
-    """Train the project's recipe `setting` in `precision` (fp32 or bf16, as resolved for this machine) and measure it."""
+def run_project(setting: str, seed: int, args: argparse.Namespace, runs_dir: Path, test, precision: str, users: Split | None) -> dict:
+    """Train the project's recipe `setting` in `precision` (fp32 or bf16, as resolved for this machine) and measure it,
+    and on `users` (people's own handwriting, as user_style_digits.py scores it) where given."""
     argv = [*SETTINGS[setting], "--seed", str(seed), "--dataset", args.dataset, "--data-dir", args.data_dir, "--precision", precision]
     argv += ["--runs-dir", str(runs_dir), "--run-name", f"{setting}-{seed}"]
     result = train.main(argv)
@@ -179,8 +180,8 @@ def run_project(setting: str, seed: int, args: argparse.Namespace, runs_dir: Pat
         "encode_test_seconds": encode_seconds(model, test.images, precision),
         **evaluate(model, test, precision),
     }
-    if args.dataset == "mnist":  # people's own handwriting, as user_style_digits.py scores it
-        run["user_style_accuracy"] = score_user_style(model, load_user_style_digits(), precision)["accuracy"]
+    if users is not None:
+        run["user_style_accuracy"] = score_user_style(model, users, precision)["accuracy"]
     return run
 
 
@@ -306,11 +307,12 @@ def main(argv: list[str] | None = None) -> dict:
     print(why)
     splits = load_splits(args.dataset, args.data_dir, val_size=5000)
     test = splits.test.to(device)
+    users = load_user_style_digits() if args.dataset == "mnist" else None  # converted once, scored after every MNIST run
 
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as runs_dir:
         for setting in (setting for setting in SETTINGS if setting in args.recipes):
-            results[setting] = [run_project(setting, seed, args, Path(runs_dir), test, precision) for seed in range(args.runs)]
+            results[setting] = [run_project(setting, seed, args, Path(runs_dir), test, precision, users) for seed in range(args.runs)]
     report = {"command": " ".join(["python benchmark.py", *(sys.argv[1:] if argv is None else argv)]), "machine": machine(why)}
     if "reference" in args.recipes:
         results["reference"] = measure_reference(

@@ -18,7 +18,7 @@ def test_training_speed_counts_every_epoch_trained_not_only_those_up_to_the_best
     monkeypatch.setattr(train, "zero_shot_accuracy", lambda *args: next(validation_then_test))
     monkeypatch.setitem(benchmark.SETTINGS, "default", TINY_DIGITS)
     splits = load_splits("digits", "unused", val_size=300)
-    run = benchmark.run_project("default", 0, argparse.Namespace(dataset="digits", data_dir="unused"), tmp_path, splits.test, "fp32")
+    run = benchmark.run_project("default", 0, argparse.Namespace(dataset="digits", data_dir="unused"), tmp_path, splits.test, "fp32", None)
     assert len(run["curve"]) == 1
     trained_images = 3 * (len(splits.train) // 128) * 128  # three epochs of full batches
     assert run["train_images_per_second"] * run["train_seconds"] == pytest.approx(trained_images)
