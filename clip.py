@@ -36,6 +36,9 @@ class CLIPConfig:
     text_characters: str = ""  # the tokenizer's vocabulary: every character of the training captions
     text_max_length: int = 64  # characters read of a caption
     embed_dim: int = 64
+    # Embed an image, outside training, as the mean of its features and its mirror image's: for a
+    # model trained on mirrored images, whose test images may face either way (test-time augmentation).
+    image_mirror_average: bool = False
     # Each digit's captions, whose embeddings are averaged to classify (prompt ensembling).
     class_captions: tuple[tuple[str, ...], ...] = tuple((caption,) for caption in DIGIT_CAPTIONS)
 
@@ -86,6 +89,8 @@ class CLIP(nn.Module):
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         features = self.image_encoder(images).float()  # the cosines and the loss stay in fp32
+        if self.config.image_mirror_average and not self.training:
+            features = (features + self.image_encoder(images.flip(-1)).float()) / 2
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:

@@ -1,5 +1,6 @@
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -30,6 +31,19 @@ def test_embeddings_have_the_shared_size_and_unit_norm():
     assert torch.allclose(image_features.norm(dim=1), torch.ones(5), atol=1e-5)
     assert torch.allclose(text_features.norm(dim=1), torch.ones(10), atol=1e-5)
     assert model(images, tokens[:5]).shape == (5, 5)
+
+
+def test_a_mirror_averaging_model_embeds_an_image_and_its_mirror_alike_outside_training_only():
+    torch.manual_seed(0)
+    model = CLIP(replace(SMALL, image_mirror_average=True)).eval()
+    images = torch.randn(4, 1, 28, 28)
+    mirrored = images.flip(-1)
+    assert torch.allclose(model.encode_image(images), model.encode_image(mirrored), atol=1e-5)
+    one_view = CLIP(SMALL).eval()
+    one_view.load_state_dict(model.state_dict())
+    assert not torch.allclose(one_view.encode_image(images), one_view.encode_image(mirrored), atol=1e-3)
+    model.train()  # training sees each image as it was drawn, mirrored or not by the augmentation
+    assert torch.allclose(model.encode_image(images), one_view.train().encode_image(images), atol=1e-6)
 
 
 def test_loss_is_classic_clip_loss_when_labels_are_distinct():

@@ -85,6 +85,14 @@ def test_invalid_arguments_are_refused_with_usage(flag: str, value: str, capsys)
     assert "usage:" in capsys.readouterr().err
 
 
+def test_garment_models_embed_images_with_their_mirror_images_and_digit_models_never():
+    def model_of(argv: list[str]) -> bool:
+        return train.model_config(train.parse_args(argv), [], ()).image_mirror_average
+
+    assert model_of(["--dataset", "fashion"]) and not model_of(["--dataset", "fashion", "--no-mirror-average"])
+    assert not model_of([]) and not model_of(["--dataset", "digits"])  # a mirrored digit is another digit, or none
+
+
 @pytest.mark.parametrize("script", [train, inference])
 def test_device_cuda_without_cuda_is_refused_with_usage(script, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
