@@ -27,7 +27,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.distributed.nn.functional import all_gather
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -187,7 +186,26 @@ def gathered_states(state: torch.Tensor, process: Process) -> torch.Tensor:
 
 def gathered(tensor: torch.Tensor, process: Process) -> torch.Tensor:
     """Every process's `tensor`, concatenated in rank order; gradients flow back to each process's own part."""
-    return torch.cat(all_gather(tensor), dim=0) if process.is_distributed else tensor
+    return GatherWithGradients.apply(tensor) if process.is_distributed else tensor
+
+
+class GatherWithGradients(torch.autograd.Function):
+    """dist.all_gather, through which gradients flow. Every process's loss depends on every process's
+    rows, so a process's rows get the sum of the gradients that all the processes computed for them.
+    (torch.distributed.nn's all_gather does the same, and is deprecated.)"""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor) -> torch.Tensor:
+        summed = gradient.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(summed)
+        rows = len(summed) // dist.get_world_size()
+        return summed[dist.get_rank() * rows : (dist.get_rank() + 1) * rows]
 
 
 def local_clip_loss(
