@@ -17,7 +17,7 @@ where it does, and zero-shot classification averages the captions that state a c
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import product
 
 import torch
@@ -114,6 +114,11 @@ class Captions:
     says: torch.Tensor
     languages: list[str]
 
+    def to(self, device: torch.device | str) -> Captions:
+        """The same captions, with `says` on the device that their images are on: a copy to a GPU at each
+        step would make it wait."""
+        return replace(self, says=self.says.to(device))
+
     def describes(self, properties: torch.Tensor) -> torch.Tensor:
         """(N, 4) image properties -> (N, K): whether each caption describes each image."""
         says = self.says.to(properties.device)
@@ -148,7 +153,10 @@ class CaptionedImages:
         """For the images of `batch`, one caption each, drawn among those that describe it: (B,)
         indices into `texts`, and (B, B) whether image j's caption describes image i, the positives."""
         describes = self.captions.describes(self.properties[batch])  # (B, K)
-        drawn = torch.multinomial(describes.float(), 1, generator=generator)[:, 0]
+        # The describing caption with the highest random score: each equally likely. torch.multinomial
+        # would draw the same way, but some versions of torch check its input by waiting for the GPU.
+        scores = torch.rand(describes.shape, device=describes.device, generator=generator).masked_fill(~describes, -1)
+        drawn = scores.argmax(dim=1)
         return drawn, describes[:, drawn]
 
 

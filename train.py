@@ -403,7 +403,7 @@ def load_data(args: argparse.Namespace) -> TrainingData:
     train = splits.train.to(args.device)
     captions = training_captions(args.captions, args.dataset)
     edges = stroke_edges(train) if args.captions == "attributes" else None
-    captioned = CaptionedImages(train.images, image_properties(train, edges), captions)
+    captioned = CaptionedImages(train.images, image_properties(train, edges), captions.to(args.device))
     augment = Augmentation(args.max_shift, args.max_rotation, args.max_scale, args.flip, args.erase, args.stroke)
     return TrainingData(captioned, splits.val.to(args.device), splits.test.to(args.device), captions.class_captions(), augment)
 
@@ -483,10 +483,9 @@ def train_one_epoch(loop: Loop, state: RunState, average: MovingAverage, data: T
         images = data.augment(pairs.images[mine.to(pairs.images.device)].to(args.device), state.rng.augment)
         # Every process draws the captions of the whole batch, the same ones: each needs the (B, B) positives.
         captions, positives = pairs.draw(batch, state.rng.captions)  # one caption per image; (B, B) which describe which
-        # A caption that several images drew is encoded once.
-        distinct, column = distributed.shard(captions, loop.process).unique(return_inverse=True)
+        texts, column = texts_to_encode(tokens, distributed.shard(captions, loop.process), avoid_waiting=args.device.type != "cpu")
         with autocast(args.device, loop.precision):
-            features = loop.model(normalize(images).contiguous(memory_format=torch.channels_last), tokens[distinct], features=True)
+            features = loop.model(normalize(images).contiguous(memory_format=torch.channels_last), texts, features=True)
         loss, logits = batch_loss(*features, column, positives, loop.process)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -511,6 +510,17 @@ def train_one_epoch(loop: Loop, state: RunState, average: MovingAverage, data: T
             return
 
 
+def texts_to_encode(tokens: torch.Tensor, captions: torch.Tensor, avoid_waiting: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens of the captions to encode for a batch that drew `captions` (indices into `tokens`),
+    and which of them each image drew. A caption that several images drew is encoded once. Finding
+    those (`unique`) makes a GPU's step wait, so with `avoid_waiting`, where the data set has no more
+    captions than the batch has images (MNIST's ten), all of them are encoded instead."""
+    if avoid_waiting and len(tokens) <= len(captions):
+        return tokens, captions
+    distinct, column = captions.unique(return_inverse=True)
+    return tokens[distinct], column
+
+
 def batch_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -520,7 +530,7 @@ def batch_loss(
     process: Process,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This process's loss of the batch, and its (b, B) logits of its images against every caption. image_features:
-    (b, D), text_features: (T, D) of the distinct captions, column: (b,) which of them each image drew."""
+    (b, D), text_features: (T, D) of the captions encoded, column: (b,) which of them each image drew."""
     if process.is_distributed:  # each image's caption, so that every process gathers b of them
         return local_clip_loss(image_features, text_features[column], scale, positives, process)
     # fp32 outside autocast, as CLIP.forward computes logits

@@ -94,9 +94,9 @@ def clip_step(process: Process) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     images = torch.randn(GLOBAL_BATCH, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     tokens, positives = model.tokenize(DIGIT_CAPTIONS), LABELS[:, None] == LABELS[None, :]
     positives[0, 3] = True  # caption 3 describes image 0 too, not the reverse: positives need not be symmetric
-    distinct, column = shard(LABELS, process).unique(return_inverse=True)  # each image's caption: its digit
+    texts, column = train.texts_to_encode(tokens, shard(LABELS, process), avoid_waiting=False)  # each image's caption: its digit
     wrapped = wrap(model, process)  # kept until after backward, which it hooks into to average the gradients
-    features = wrapped(images[shard(torch.arange(GLOBAL_BATCH), process)], tokens[distinct], features=True)
+    features = wrapped(images[shard(torch.arange(GLOBAL_BATCH), process)], texts, features=True)
     loss, _ = train.batch_loss(*features, column, positives, process)
     loss.backward()
     return mean(loss.detach(), process), {name: p.grad for name, p in model.named_parameters()}

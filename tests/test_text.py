@@ -1,5 +1,6 @@
 """The text side that reads sentences: the tokenizer, the two encoders, prompt ensembling, the
-captions of templates and attributes, and what inference.py does with a user's words."""
+captions of templates and attributes, those a training step draws and encodes, and what
+inference.py does with a user's words."""
 
 import math
 from pathlib import Path
@@ -17,6 +18,7 @@ from captions import (
     HELD_OUT_COMBINATIONS,
     HELD_OUT_TEMPLATES,
     TEMPLATES,
+    CaptionedImages,
     attribute_captions,
     attribute_queries,
     image_properties,
@@ -27,7 +29,7 @@ from captions import (
 from checkpoint import load_model
 from clip import CLIP, CLIPConfig
 from dataset import Split
-from text_encoder import PAD, UNKNOWN, CharTokenizer, LSTMTextEncoder, TextError, TransformerTextEncoder
+from text_encoder import DIGIT_CAPTIONS, PAD, UNKNOWN, CharTokenizer, LSTMTextEncoder, TextError, TransformerTextEncoder
 
 TEXT_MODEL = [*TINY, "--text-encoder", "transformer", "--captions", "templates"]
 
@@ -104,6 +106,30 @@ def test_template_captions_name_every_digit_in_each_language_and_classify_with_t
     assert "the number seven" in seven and all("seven" in c or "7" in c or "七" in c for c in seven)
     held_out = set(template_captions(HELD_OUT_TEMPLATES["mnist"], CLASS_WORDS["mnist"]).texts)
     assert not held_out & set(captions.texts)
+
+
+def test_each_image_draws_one_of_the_captions_that_describe_it_each_as_often():
+    captions = template_captions(TEMPLATES["mnist"], CLASS_WORDS["mnist"])
+    properties = F.pad(torch.full((20_000, 1), 3), (0, 3), value=ANY)  # 20,000 images of a 3
+    images = CaptionedImages(torch.zeros(20_000, 28, 28, dtype=torch.uint8), properties, captions)
+    drawn, positives = images.draw(torch.arange(20_000), torch.Generator().manual_seed(0))
+    describes = captions.describes(properties)
+    assert describes[torch.arange(20_000), drawn].all() and torch.equal(positives, describes[:, drawn])
+    counts = torch.bincount(drawn, minlength=len(captions.texts))[describes[0]]  # each caption of a 3
+    expected = 20_000 / len(counts)
+    assert len(counts) > 10 and ((counts - expected).abs() < 0.25 * expected).all()
+
+
+@pytest.mark.parametrize("avoid_waiting", [False, True])  # on a CPU; on a GPU
+@pytest.mark.parametrize("batch_size", [4, 32])  # fewer images than captions, and more
+def test_a_step_encodes_captions_that_give_each_image_its_own_caption_s_embedding(batch_size: int, avoid_waiting: bool):
+    model = CLIP(CLIPConfig(image_widths=(8, 16), text_hidden_dim=16, embed_dim=12))
+    tokens = model.tokenize(DIGIT_CAPTIONS)
+    drawn = torch.randint(10, (batch_size,), generator=torch.Generator().manual_seed(batch_size))
+    texts, column = train.texts_to_encode(tokens, drawn, avoid_waiting)
+    # Each drawn caption once; or, on a GPU with more images than captions, all ten, as finding them would wait
+    assert len(texts) == (len(tokens) if avoid_waiting and batch_size >= len(tokens) else len(drawn.unique()))
+    assert torch.allclose(model.encode_text(texts)[column], model.encode_text(tokens[drawn]), atol=1e-6)
 
 
 def test_no_training_caption_states_a_held_out_combination():
