@@ -129,7 +129,9 @@ def train_reference(splits: Splits, device: torch.device, seconds: float, seed: 
             optimizer.step()
             steps += 1
         trained += time.perf_counter() - start
-        curve.append({"seconds": trained, "val_accuracy": zero_shot_accuracy(model, splits.val.images, splits.val.labels)})
+        curve.append(
+            {"seconds": trained, "val_accuracy": zero_shot_accuracy(model, splits.val.images, splits.val.labels)}
+        )
     return {"model": model, "curve": curve, "steps": steps, "train_seconds": trained}
 
 
@@ -170,10 +172,22 @@ def evaluate(model: nn.Module, test, precision: str) -> dict:
     return scores
 
 
-def run_project(setting: str, seed: int, args: argparse.Namespace, runs_dir: Path, test, precision: str, users: Split | None) -> dict:
+def run_project(
+    setting: str, seed: int, args: argparse.Namespace, runs_dir: Path, test, precision: str, users: Split | None
+) -> dict:
     """Train the project's recipe `setting` in `precision` (fp32 or bf16, as resolved for this machine) and measure it,
     and on `users` (people's own handwriting, as user_style_digits.py scores it) where given."""
-    argv = [*SETTINGS[setting], "--seed", str(seed), "--dataset", args.dataset, "--data-dir", args.data_dir, "--precision", precision]
+    argv = [
+        *SETTINGS[setting],
+        "--seed",
+        str(seed),
+        "--dataset",
+        args.dataset,
+        "--data-dir",
+        args.data_dir,
+        "--precision",
+        precision,
+    ]
     argv += ["--runs-dir", str(runs_dir), "--run-name", f"{setting}-{seed}"]
     result = train.main(argv)
     model, state = load_model(result["run_dir"] / "best.pt", test.images.device)
@@ -230,7 +244,11 @@ ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")
 def machine(precision_why: str) -> dict:
     cpu = platform.processor() or platform.machine()
     if Path("/proc/cpuinfo").exists():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     return {
         "cpu": cpu,
@@ -300,7 +318,9 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--dataset", choices=tuple(LEVELS), default="mnist", help="the data set to train and test on")
     p.add_argument("--data-dir", default="data", help="folder that holds (or receives) the data set")
     p.add_argument("--runs", type=positive_int, default=3, help="seeded runs of each recipe")
@@ -322,13 +342,20 @@ def main(argv: list[str] | None = None) -> dict:
     print(why)
     splits = load_splits(args.dataset, args.data_dir, val_size=5000)
     test = splits.test.to(device)
-    users = load_user_style_digits() if args.dataset == "mnist" else None  # converted once, scored after every MNIST run
+    users = (
+        load_user_style_digits() if args.dataset == "mnist" else None
+    )  # converted once, scored after every MNIST run
 
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as runs_dir:
         for setting in (setting for setting in SETTINGS if setting in args.recipes):
-            results[setting] = [run_project(setting, seed, args, Path(runs_dir), test, precision, users) for seed in range(args.runs)]
-    report = {"command": " ".join(["python benchmark.py", *(sys.argv[1:] if argv is None else argv)]), "machine": machine(why)}
+            results[setting] = [
+                run_project(setting, seed, args, Path(runs_dir), test, precision, users) for seed in range(args.runs)
+            ]
+    report = {
+        "command": " ".join(["python benchmark.py", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": machine(why),
+    }
     if "reference" in args.recipes:
         results["reference"] = measure_reference(
             splits, test, device, args.runs, statistics.median(run["train_seconds"] for run in results["default"])
@@ -368,9 +395,15 @@ def measure_reference(splits: Splits, test, device: torch.device, runs: int, bud
 def compare(results: dict[str, list[dict]], summary: dict) -> dict:
     """The default recipe against the reference: accuracy at equal time, and the time to the highest level both reach."""
     curves = {name: [run["curve"] for run in results[name]] for name in ("default", "reference")}
-    reached = [lv for lv in (0.8, 0.85, 0.9, 0.95, 0.98) if all(time_to(c, lv) is not None for cs in curves.values() for c in cs)]
+    reached = [
+        lv
+        for lv in (0.8, 0.85, 0.9, 0.95, 0.98)
+        if all(time_to(c, lv) is not None for cs in curves.values() for c in cs)
+    ]
     shared = max(reached, default=None)
-    seconds_to_shared = {name: statistics.median(time_to(c, shared) for c in cs) if shared else None for name, cs in curves.items()}
+    seconds_to_shared = {
+        name: statistics.median(time_to(c, shared) for c in cs) if shared else None for name, cs in curves.items()
+    }
     return {
         "budget_seconds": statistics.median(run["train_seconds"] for run in results["default"]),
         "project_accuracy": summary["default"]["test_accuracy_mean"],

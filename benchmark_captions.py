@@ -50,7 +50,11 @@ def startup_seconds(folder: Path, cache_dir: Path, repeats: int) -> dict:
         collection = load_caption_collection(folder, IMAGE_SIZE, cache_dir)
         cached.append(time.perf_counter() - start)
         assert collection.cache_hit
-    return {"first_load_seconds": first, "cached_load_seconds": cached, "cached_load_median_seconds": statistics.median(cached)}
+    return {
+        "first_load_seconds": first,
+        "cached_load_seconds": cached,
+        "cached_load_median_seconds": statistics.median(cached),
+    }
 
 
 def train_and_compare(
@@ -58,10 +62,21 @@ def train_and_compare(
 ) -> dict:
     """Train on the exported files, then score best.pt on the test split read from the files and on the
     same pictures and captions in memory, in the precision training scored it in."""
-    argv = ["--dataset", "captions", "--data-dir", str(exported.folder), "--cache-dir", str(cache_dir), "--image-size", str(IMAGE_SIZE)]
+    argv = [
+        "--dataset",
+        "captions",
+        "--data-dir",
+        str(exported.folder),
+        "--cache-dir",
+        str(cache_dir),
+        "--image-size",
+        str(IMAGE_SIZE),
+    ]
     result = train.main([*argv, *options, "--runs-dir", str(runs_dir), "--run-name", name])
     model, state = load_model(result["run_dir"] / "best.pt")
-    in_memory = collection_from_tensors(exported.images[:, None].expand(-1, 3, -1, -1).contiguous(), exported.captions, exported.files)
+    in_memory = collection_from_tensors(
+        exported.images[:, None].expand(-1, 3, -1, -1).contiguous(), exported.captions, exported.files
+    )
     # The command as a reader would type it: the exported folders were temporary.
     shown = [*argv[:3], f"EXPORTED/{exported.folder.name}", "--cache-dir", "CACHE", *argv[6:], *options]
     return {
@@ -95,15 +110,27 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--data-dir", default="data", help="folder that holds (or receives) MNIST and Fashion-MNIST")
     p.add_argument("--epochs", type=positive_int, default=15, help="epochs of ResNet18 on the MNIST export")
-    p.add_argument("--fashion-epochs", type=positive_int, default=10, help="epochs of the small ResNet on the Fashion-MNIST export")
+    p.add_argument(
+        "--fashion-epochs", type=positive_int, default=10, help="epochs of the small ResNet on the Fashion-MNIST export"
+    )
     p.add_argument("--repeats", type=positive_int, default=5, help="loads from the cache to take the median of")
-    p.add_argument("--output-dir", type=Path, default=Path("docs/benchmark/captions"), help="where benchmark.json and benchmark.md go")
+    p.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("docs/benchmark/captions"),
+        help="where benchmark.json and benchmark.md go",
+    )
     args = p.parse_args(argv)
     precision, why = resolve_precision("auto", pick_device("auto"))
-    report = {"command": " ".join(["python benchmark_captions.py", *(sys.argv[1:] if argv is None else argv)]), "machine": machine(why)}
+    report = {
+        "command": " ".join(["python benchmark_captions.py", *(sys.argv[1:] if argv is None else argv)]),
+        "machine": machine(why),
+    }
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         mnist = export_captions.export("mnist", "flickr8k", work / "mnist-flickr8k", args.data_dir)
@@ -118,7 +145,15 @@ def main(argv: list[str] | None = None) -> dict:
                 fashion, ["--epochs", str(args.fashion_epochs)], work / "cache", work / "runs", "fashion", precision
             ),
         }
-        inference.main(["--checkpoint", str(work / "runs" / "mnist" / "best.pt"), "--evaluate", "--output-dir", str(work / "evaluation")])
+        inference.main(
+            [
+                "--checkpoint",
+                str(work / "runs" / "mnist" / "best.pt"),
+                "--evaluate",
+                "--output-dir",
+                str(work / "evaluation"),
+            ]
+        )
         args.output_dir.mkdir(parents=True, exist_ok=True)
         for figure in ("text_retrieval", "tsne"):
             shutil.copy(work / "evaluation" / "evaluation" / f"{figure}.png", args.output_dir / f"mnist_{figure}.png")

@@ -43,7 +43,10 @@ LAYOUTS = {
     "flickr8k": "captions.txt (CSV image,caption) or Flickr8k.token.txt, here or in Flickr8k_text/, "
     "with the images in Images/ or Flicker8k_Dataset/",
 }
-FLICKR_TEXT_FOLDERS = (".", "Flickr8k_text")  # the Kaggle copy keeps its text files at the top, the original in Flickr8k_text/
+FLICKR_TEXT_FOLDERS = (
+    ".",
+    "Flickr8k_text",
+)  # the Kaggle copy keeps its text files at the top, the original in Flickr8k_text/
 FLICKR_CAPTION_FILES = ("captions.txt", "Flickr8k.token.txt")
 FLICKR_IMAGE_FOLDERS = ("Images", "Flicker8k_Dataset")  # sic: the original archive misspells it
 FLICKR_SPLIT_FILES = ("Flickr_8k.trainImages.txt", "Flickr_8k.devImages.txt", "Flickr_8k.testImages.txt")
@@ -94,7 +97,9 @@ class PhotoPairs:
         for caption, photo in zip(photos.captions, photos.caption_image.tolist(), strict=True):
             per_photo[photo].append(text_ids[caption])
         width = max(map(len, per_photo))
-        self.photo_texts = torch.tensor([ids + [-1] * (width - len(ids)) for ids in per_photo], device=device)  # (N, M), -1: none
+        self.photo_texts = torch.tensor(
+            [ids + [-1] * (width - len(ids)) for ids in per_photo], device=device
+        )  # (N, M), -1: none
 
     def __len__(self) -> int:
         return len(self.photo_texts)
@@ -191,7 +196,9 @@ def load_caption_collection(
         outside = sorted(file for file in stats if file not in in_a_split)
         for split, split_file in zip(splits, FLICKR_SPLIT_FILES, strict=True):
             if not split:
-                raise DataError(f"none of the {len(stats):,} usable images of {listing.source} is named in {split_file}: is it Flickr8k's?")
+                raise DataError(
+                    f"none of the {len(stats):,} usable images of {listing.source} is named in {split_file}: is it Flickr8k's?"
+                )
     cache = Path(cache_dir) / f"captions-{image_size}px-{cache_key(splits, stats, image_size)}.npy"
     budget = memory_budget() if max_in_memory_bytes is None else max_in_memory_bytes
     cached = read_cache(cache, image_size, budget)
@@ -200,20 +207,28 @@ def load_caption_collection(
         write_cache(cache, listing.root, splits, image_size)
         cached = read_cache(cache, image_size, budget)
         if cached is None:
-            raise DataError(f"the image cache {cache} cannot be read back just after it was written: is {cache.parent} on a faulty disk?")
+            raise DataError(
+                f"the image cache {cache} cannot be read back just after it was written: is {cache.parent} on a faulty disk?"
+            )
     skipped = listing.skipped + [f"{file}: {why}" for file, why in cached.failed]
     mapped_file = cache if cached.mapped else None
     return assemble(listing, cached.images, cached.splits, skipped, cache, cache_hit, mapped_file, outside)
 
 
 def collection_from_tensors(
-    images: torch.Tensor, captions_per_image: list[list[str]], files: list[str], split_seed: int = 0, held_out_fraction: float = 0.1
+    images: torch.Tensor,
+    captions_per_image: list[list[str]],
+    files: list[str],
+    split_seed: int = 0,
+    held_out_fraction: float = 0.1,
 ) -> CaptionCollection:
     """The collection that loading these images from files would give: image i of `images`, (N, 3, S, S)
     uint8, is named files[i] and captioned by captions_per_image[i], the captions are cleaned and the
     images split by the same rules. It shows that the file pipeline gives what the in-memory one gives."""
     if not len(images) == len(captions_per_image) == len(files) or len(set(files)) < len(files):
-        raise ValueError("images, captions_per_image and files must have one entry per image, and the files distinct names")
+        raise ValueError(
+            "images, captions_per_image and files must have one entry per image, and the files distinct names"
+        )
     listing = Listing("tensors", "images given in memory", Path())
     for file, captions in zip(files, captions_per_image, strict=True):
         for number, caption in enumerate(captions, start=1):
@@ -321,13 +336,17 @@ def nothing_usable(source: str, skipped: list[str]) -> DataError:
 def read_listing(data_dir: Path) -> Listing:
     """What the collection at `data_dir` says, in the first layout of LAYOUTS that it has."""
     if not data_dir.exists():
-        raise DataError(f"--data-dir {data_dir} does not exist: pass the folder or the .json file of your image–caption collection")
+        raise DataError(
+            f"--data-dir {data_dir} does not exist: pass the folder or the .json file of your image–caption collection"
+        )
     if not data_dir.is_dir():
         if data_dir.suffix.lower() == ".json":
             return read_json_listing(data_dir)
         raise DataError(f"--data-dir {data_dir} is a file but not a .json caption list: pass a .json file or a folder")
     json_files = [
-        path for path in data_dir.iterdir() if path.suffix.lower() == ".json" and not path.name.startswith(".") and path.is_file()
+        path
+        for path in data_dir.iterdir()
+        if path.suffix.lower() == ".json" and not path.name.startswith(".") and path.is_file()
     ]
     if len(json_files) == 1:
         return read_json_listing(json_files[0])
@@ -348,9 +367,13 @@ def read_json_listing(path: Path) -> Listing:
     try:
         entries = json.loads(read_text(path))
     except json.JSONDecodeError as error:
-        raise DataError(f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}; correct it there") from error
+        raise DataError(
+            f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}; correct it there"
+        ) from error
     if not isinstance(entries, list):
-        raise DataError(f'the top level of {path} is not a JSON list: make it a list of {{"image_path": ..., "caption": ...}} objects')
+        raise DataError(
+            f'the top level of {path} is not a JSON list: make it a list of {{"image_path": ..., "caption": ...}} objects'
+        )
     for number, entry in enumerate(entries, start=1):
         what = f"{path.name} entry {number}"
         if not isinstance(entry, dict):
@@ -386,11 +409,18 @@ def read_folders_listing(root: Path) -> Listing:
     by_stem: dict[str, list[Path]] = {}
     for image in image_files(root / "images"):
         by_stem.setdefault(image.stem, []).append(image)
-    caption_files = {path.stem: path for path in sorted((root / "captions").iterdir()) if path.suffix.lower() == ".txt" and path.is_file()}
+    caption_files = {
+        path.stem: path
+        for path in sorted((root / "captions").iterdir())
+        if path.suffix.lower() == ".txt" and path.is_file()
+    }
     for stem, images in by_stem.items():
         file, caption_file = f"images/{images[0].name}", caption_files.get(stem)
         if len(images) > 1:
-            listing.skip(", ".join(f"images/{image.name}" for image in images), f"{len(images)} images share one stem: rename all but one")
+            listing.skip(
+                ", ".join(f"images/{image.name}" for image in images),
+                f"{len(images)} images share one stem: rename all but one",
+            )
         elif caption_file is None:
             listing.skip(file, f"no captions/{stem}.txt")
         else:
@@ -420,7 +450,9 @@ def read_caption_file(listing: Listing, file: str, caption_file: Path) -> None:
 def read_flickr8k_listing(data_dir: Path, caption_file: Path, image_folder: Path) -> Listing:
     """Flickr8k's captions, from the Kaggle copy's captions.txt or the original Flickr8k.token.txt,
     and its official split when all three split files are there."""
-    listing = Listing("flickr8k", f"{caption_file.relative_to(data_dir).as_posix()} and {image_folder.name}/ in {data_dir}", data_dir)
+    listing = Listing(
+        "flickr8k", f"{caption_file.relative_to(data_dir).as_posix()} and {image_folder.name}/ in {data_dir}", data_dir
+    )
     read_lines = read_flickr8k_csv if caption_file.name == "captions.txt" else read_flickr8k_tokens
     mentioned = read_lines(listing, caption_file, image_folder.name)
     for image in image_files(image_folder):
@@ -429,11 +461,16 @@ def read_flickr8k_listing(data_dir: Path, caption_file: Path, image_folder: Path
     split_files = [flickr_text_file(data_dir, name) for name in FLICKR_SPLIT_FILES]
     if all(split_files):
         listing.official = [
-            [f"{image_folder.name}/{line.strip()}" for line in read_text(path).splitlines() if line.strip()] for path in split_files
+            [f"{image_folder.name}/{line.strip()}" for line in read_text(path).splitlines() if line.strip()]
+            for path in split_files
         ]
-        for (first, first_files), (second, second_files) in combinations(zip(split_files, listing.official, strict=True), 2):
+        for (first, first_files), (second, second_files) in combinations(
+            zip(split_files, listing.official, strict=True), 2
+        ):
             if shared := sorted(set(first_files) & set(second_files)):
-                raise DataError(f"{shared[0]} is in both {first} and {second}: an image belongs in one split; remove it from one of them")
+                raise DataError(
+                    f"{shared[0]} is in both {first} and {second}: an image belongs in one split; remove it from one of them"
+                )
     return listing
 
 
@@ -442,7 +479,9 @@ def read_flickr8k_csv(listing: Listing, path: Path, image_folder: str) -> set[st
     image files it names. An unquoted comma is taken to be part of the caption: image names hold none."""
     reader = csv.reader(io.StringIO(read_text(path), newline=""))
     if [name.strip().lower() for name in next(reader, [])] != ["image", "caption"]:
-        raise DataError(f"{path} does not start with the line image,caption, as the captions.txt of Flickr8k does: add it")
+        raise DataError(
+            f"{path} does not start with the line image,caption, as the captions.txt of Flickr8k does: add it"
+        )
     mentioned = set()
     for row in reader:
         what = f"{path.name} line {reader.line_num}"
@@ -483,7 +522,11 @@ def image_files(folder: Path) -> list[Path]:
     """The picture files at the top of `folder`, known by a suffix Pillow reads, sorted; not hidden ones
     such as macOS's ._name.jpg."""
     suffixes = Image.registered_extensions()
-    return sorted(path for path in folder.iterdir() if path.suffix.lower() in suffixes and not path.name.startswith(".") and path.is_file())
+    return sorted(
+        path
+        for path in folder.iterdir()
+        if path.suffix.lower() in suffixes and not path.name.startswith(".") and path.is_file()
+    )
 
 
 def read_text(path: Path) -> str:
@@ -514,7 +557,9 @@ def image_stats(listing: Listing) -> dict[str, tuple[int, int]]:
         try:
             info = (listing.root / file).stat()
         except OSError as error:
-            listing.skip(file, "missing" if isinstance(error, FileNotFoundError) else f"cannot be read ({error.strerror})")
+            listing.skip(
+                file, "missing" if isinstance(error, FileNotFoundError) else f"cannot be read ({error.strerror})"
+            )
             continue
         stats[file] = (info.st_size, info.st_mtime_ns)
     return stats
@@ -565,7 +610,9 @@ def write_cache(array_file: Path, root: Path, splits: list[list[str]], image_siz
         array_file.parent.mkdir(parents=True, exist_ok=True)
         kept, failed = write_atomically(array_file, lambda temporary: decode_into(temporary, root, splits, image_size))
         sidecar = json.dumps({"splits": kept, "failed": failed})
-        write_atomically(array_file.with_suffix(".json"), lambda temporary: temporary.write_text(sidecar, encoding="utf-8"))
+        write_atomically(
+            array_file.with_suffix(".json"), lambda temporary: temporary.write_text(sidecar, encoding="utf-8")
+        )
     except OSError as error:
         raise DataError(
             f"cannot write the image cache in {array_file.parent}: {error.strerror or error}; give a writable cache folder"
@@ -586,19 +633,25 @@ def write_atomically(path: Path, write: Callable[[Path], T]) -> T:
         temporary.unlink(missing_ok=True)
 
 
-def decode_into(array_file: Path, root: Path, splits: list[list[str]], image_size: int) -> tuple[list[list[str]], list[list[str]]]:
+def decode_into(
+    array_file: Path, root: Path, splits: list[list[str]], image_size: int
+) -> tuple[list[list[str]], list[list[str]]]:
     """Decode the images of `splits` into a new .npy file of one row per image: the training images,
     then validation, then test, each image in the row after the last one that decoded, so that a split
     is a run of rows, and the last rows, one per image that failed, stay unused. Written through a
     memory map: a collection larger than memory never has to be in memory at once. Returns the files
     of each split that decoded, and [file, why] of each that did not."""
     files = [(index, file) for index, split in enumerate(splits) for file in split]
-    array = np.lib.format.open_memmap(array_file, mode="w+", dtype=np.uint8, shape=(len(files), 3, image_size, image_size))
+    array = np.lib.format.open_memmap(
+        array_file, mode="w+", dtype=np.uint8, shape=(len(files), 3, image_size, image_size)
+    )
     kept: list[list[str]] = [[] for _ in splits]
     failed = []
     row = 0
     pixels_of_each = decoded([root / file for _, file in files], image_size)
-    progress = tqdm(pixels_of_each, total=len(files), desc="decoding images", unit="image", disable=len(files) < PROGRESS_FROM)
+    progress = tqdm(
+        pixels_of_each, total=len(files), desc="decoding images", unit="image", disable=len(files) < PROGRESS_FROM
+    )
     for (split, file), pixels in zip(files, progress, strict=True):
         if isinstance(pixels, str):
             failed.append([file, pixels])
@@ -632,12 +685,16 @@ def decode_photo(path: Path, image_size: int) -> np.ndarray | str:
             if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
                 # Pillow only warns up to twice its limit; refuse before decoding, as dataset.read_image_file does.
                 return f"refused: {image.width}x{image.height} is more than {Image.MAX_IMAGE_PIXELS:,} pixels (a decompression bomb?)"
-            image.draft("RGB", (image_size, image_size))  # a JPEG decodes at 1/2, 1/4 or 1/8 scale when that still covers S x S
+            image.draft(
+                "RGB", (image_size, image_size)
+            )  # a JPEG decodes at 1/2, 1/4 or 1/8 scale when that still covers S x S
             upright = ImageOps.exif_transpose(image)
             if upright.mode != "RGB" or "transparency" in upright.info:
                 rgba = upright.convert("RGBA")
                 upright = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba).convert("RGB")
             square = ImageOps.fit(upright, (image_size, image_size), Image.Resampling.LANCZOS)
-    except Exception as error:  # Pillow reports damaged files as OSError, SyntaxError, ValueError, struct.error and more
+    except (
+        Exception
+    ) as error:  # Pillow reports damaged files as OSError, SyntaxError, ValueError, struct.error and more
         return f"cannot be decoded ({type(error).__name__}: {' '.join(str(error).split())})"
     return np.asarray(square).transpose(2, 0, 1)

@@ -33,7 +33,10 @@ ANY = -1  # what a caption that does not state a property holds for it
 # Each class's names, in label order, per data set and language.
 CLASS_WORDS = {
     "mnist": {
-        "en": [(str(d), name) for d, name in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])],
+        "en": [
+            (str(d), name)
+            for d, name in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"])
+        ],
         "zh": [(str(d), name) for d, name in enumerate("零一二三四五六七八九")],
     },
     "fashion": {
@@ -67,16 +70,33 @@ CLASS_WORDS = {
 # orders: they measure whether the text encoder reads sentences it has not seen, not new letters.
 TEMPLATES = {
     "mnist": {
-        "en": ["{}", "a {}", "a handwritten {}", "the number {}", "the digit {} written by hand", "a drawing of the number {}"],
+        "en": [
+            "{}",
+            "a {}",
+            "a handwritten {}",
+            "the number {}",
+            "the digit {} written by hand",
+            "a drawing of the number {}",
+        ],
         "zh": ["{}", "数字{}", "手写的{}", "一个手写的数字{}", "这是一个{}", "图中的数字是{}"],
     },
     "fashion": {
-        "en": ["{}", "a {}", "a photo of a {}", "a picture of the {}", "a product photo of a {}", "a black and white photo of a {}"],
+        "en": [
+            "{}",
+            "a {}",
+            "a photo of a {}",
+            "a picture of the {}",
+            "a product photo of a {}",
+            "a black and white photo of a {}",
+        ],
         "zh": ["{}", "一件{}", "一张{}的照片", "这是{}", "商品图：{}", "一张黑白的{}照片"],
     },
 }
 HELD_OUT_TEMPLATES = {
-    "mnist": {"en": ["a figure showing the number {}", "this is a {} drawn by hand"], "zh": ["这是手写数字{}", "图中是一个{}"]},
+    "mnist": {
+        "en": ["a figure showing the number {}", "this is a {} drawn by hand"],
+        "zh": ["这是手写数字{}", "图中是一个{}"],
+    },
     "fashion": {"en": ["a photo showing a {}", "this is a {}"], "zh": ["这是一张{}的图片", "一件黑白的{}"]},
 }
 
@@ -128,7 +148,11 @@ class Captions:
         """Per class, the captions that state the class alone: averaged, they classify (prompt ensembling)."""
         digit_only = (self.says[:, 1:] == ANY).all(dim=1)
         return tuple(
-            tuple(t for t, d, only in zip(self.texts, self.says[:, 0].tolist(), digit_only.tolist(), strict=True) if d == digit and only)
+            tuple(
+                t
+                for t, d, only in zip(self.texts, self.says[:, 0].tolist(), digit_only.tolist(), strict=True)
+                if d == digit and only
+            )
             for digit in range(10)
         )
 
@@ -207,12 +231,18 @@ def attribute_captions(held_out: tuple[tuple[int, str, int], ...] = HELD_OUT_COM
 
 def training_captions(kind: str, dataset: str) -> Captions:
     if kind == "label":
-        return Captions([str(label) for label in range(10)], torch.tensor([[label, ANY, ANY, ANY] for label in range(10)]), ["en"] * 10)
+        return Captions(
+            [str(label) for label in range(10)],
+            torch.tensor([[label, ANY, ANY, ANY] for label in range(10)]),
+            ["en"] * 10,
+        )
     if kind == "templates":
         return template_captions(TEMPLATES[words_of(dataset)], CLASS_WORDS[words_of(dataset)])
     if kind == "attributes" and words_of(dataset) == "mnist":
         return attribute_captions()
-    raise ValueError(f"no {kind} captions for {dataset}: choose one of {', '.join(CAPTION_KINDS)} (attributes: digits only)")
+    raise ValueError(
+        f"no {kind} captions for {dataset}: choose one of {', '.join(CAPTION_KINDS)} (attributes: digits only)"
+    )
 
 
 def template_sets(dataset: str) -> dict[str, Captions]:
@@ -231,7 +261,9 @@ def attribute_queries() -> tuple[Captions, torch.Tensor]:
     """Captions that state a digit and the bin of one attribute, in each language with each of the
     digit's names ("a thin 4", "一个细的数字四"), and which of them state a held-out combination."""
     texts, says, languages, held_out = [], [], [], []
-    for language, digit, (index, attribute), b in product(LANGUAGES, range(10), enumerate(PROPERTIES[1:], start=1), range(3)):
+    for language, digit, (index, attribute), b in product(
+        LANGUAGES, range(10), enumerate(PROPERTIES[1:], start=1), range(3)
+    ):
         for name in CLASS_WORDS["mnist"][language][digit]:
             texts.append(attribute_caption(language, name, {attribute: b}))
             says.append([digit] + [b if i == index else ANY for i in (1, 2, 3)])
@@ -253,19 +285,25 @@ def measure_strokes(images: torch.Tensor) -> torch.Tensor:
     solid = (ink > 0.5).float()[:, None]
     eroded = -F.max_pool2d(-solid, 3, stride=1, padding=1)
     thickness = eroded.sum(dim=(1, 2, 3)) / solid.sum(dim=(1, 2, 3)).clamp(min=1)
-    rows, cols = torch.meshgrid(torch.arange(28.0, device=ink.device), torch.arange(28.0, device=ink.device), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(28.0, device=ink.device), torch.arange(28.0, device=ink.device), indexing="ij"
+    )
     mass = ink.sum(dim=(1, 2)).clamp(min=1e-6)
     mean_row, mean_col = (ink * rows).sum(dim=(1, 2)) / mass, (ink * cols).sum(dim=(1, 2)) / mass
     d_row, d_col = rows - mean_row[:, None, None], cols - mean_col[:, None, None]
     width = ((ink * d_col**2).sum(dim=(1, 2)) / mass).sqrt()
-    slant = -(ink * d_row * d_col).sum(dim=(1, 2)) / (ink * d_row**2).sum(dim=(1, 2)).clamp(min=1e-6)  # rows grow downwards
+    slant = -(ink * d_row * d_col).sum(dim=(1, 2)) / (ink * d_row**2).sum(dim=(1, 2)).clamp(
+        min=1e-6
+    )  # rows grow downwards
     return torch.stack([thickness, width, slant], dim=1)
 
 
 def stroke_edges(train: Split) -> torch.Tensor:
     """(10, 3, 2): per digit and attribute, the values that cut the training split's images into thirds."""
     measures, quantiles = measure_strokes(train.images), torch.tensor([1 / 3, 2 / 3], device=train.images.device)
-    edges = torch.zeros(10, 3, 2, device=train.images.device)  # a digit the split lacks keeps zeros: no image will use them
+    edges = torch.zeros(
+        10, 3, 2, device=train.images.device
+    )  # a digit the split lacks keeps zeros: no image will use them
     for digit in train.labels.unique().tolist():
         edges[digit] = torch.quantile(measures[train.labels == digit], quantiles, dim=0).T
     return edges
@@ -276,5 +314,7 @@ def image_properties(split: Split, edges: torch.Tensor | None) -> torch.Tensor:
     training split's `edges`; ANY for the attributes without edges, where the captions state none."""
     if edges is None:
         return F.pad(split.labels[:, None], (0, 3), value=ANY)
-    bins = (measure_strokes(split.images)[:, :, None] > edges.to(split.images.device)[split.labels]).sum(dim=2)  # (N, 3)
+    bins = (measure_strokes(split.images)[:, :, None] > edges.to(split.images.device)[split.labels]).sum(
+        dim=2
+    )  # (N, 3)
     return torch.cat([split.labels[:, None], bins], dim=1)

@@ -86,7 +86,11 @@ class RandomState:
         self.captions = torch.Generator(device).manual_seed(seed + 1)
 
     def state_dict(self) -> dict:
-        states = {"device": self.device.type, "augment": self.augment.get_state(), "captions": self.captions.get_state()}
+        states = {
+            "device": self.device.type,
+            "augment": self.augment.get_state(),
+            "captions": self.captions.get_state(),
+        }
         if self.process.is_distributed:
             states["augment_per_process"] = gathered_states(states["augment"], self.process)  # (N, S)
         states["torch"] = torch.get_rng_state()
@@ -136,7 +140,9 @@ def save_checkpoint(state: dict, path: Path) -> None:
         raise
 
 
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", keys: tuple[str, ...] = ("model", "config")) -> dict:
+def load_checkpoint(
+    path: str | Path, device: torch.device | str = "cpu", keys: tuple[str, ...] = ("model", "config")
+) -> dict:
     """Load a checkpoint safely: `weights_only=True` refuses pickles that would run code.
     CheckpointError names the file when it cannot be loaded or lacks one of `keys`."""
     path = Path(path)
@@ -151,7 +157,9 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu", keys: 
         raise CheckpointError(
             f"{path} is damaged, or holds objects other than tensors and plain values (which could run code when loaded); refusing to load it"
         ) from error
-    except Exception as error:  # a damaged file fails in torch.load as RuntimeError, EOFError, KeyError, ValueError and more
+    except (
+        Exception
+    ) as error:  # a damaged file fails in torch.load as RuntimeError, EOFError, KeyError, ValueError and more
         raise CheckpointError(f"{path} is truncated or damaged, or not a checkpoint; use another checkpoint") from error
     missing = [key for key in keys if not isinstance(state, dict) or key not in state]
     if missing:
@@ -168,7 +176,9 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[CL
         model.load_state_dict(state["model"])
     except Exception as error:  # a damaged config or state dict fails as TypeError, ValueError, RuntimeError and more
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(f"{path} holds a model that cannot be rebuilt ({reason}); use another checkpoint") from error
+        raise CheckpointError(
+            f"{path} holds a model that cannot be rebuilt ({reason}); use another checkpoint"
+        ) from error
     return model.to(device).to(memory_format=torch.channels_last).eval(), state
 
 

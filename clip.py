@@ -17,7 +17,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from image_encoder import IMAGE_ENCODERS, ImageEncoder, resnet18
-from text_encoder import DIGIT_CAPTIONS, TEXT_ENCODERS, CharTokenizer, DigitTextEncoder, LSTMTextEncoder, TransformerTextEncoder
+from text_encoder import (
+    DIGIT_CAPTIONS,
+    TEXT_ENCODERS,
+    CharTokenizer,
+    DigitTextEncoder,
+    LSTMTextEncoder,
+    TransformerTextEncoder,
+)
 
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap: cosines are never scaled by more than 100
 
@@ -68,14 +75,21 @@ class CLIP(nn.Module):
         if config.image_encoder == "resnet18":
             self.image_encoder = resnet18(config.embed_dim, config.image_channels, config.image_size)
         else:
-            self.image_encoder = ImageEncoder(config.image_widths, config.image_blocks_per_stage, config.embed_dim, config.image_channels)
+            self.image_encoder = ImageEncoder(
+                config.image_widths, config.image_blocks_per_stage, config.embed_dim, config.image_channels
+            )
         self.tokenizer = CharTokenizer(config.text_characters, config.text_max_length)
         if config.text_encoder == "digit":
             self.text_encoder = DigitTextEncoder(config.text_hidden_dim, config.embed_dim)
         elif config.text_encoder == "transformer":
             size = self.tokenizer.vocabulary_size
             self.text_encoder = TransformerTextEncoder(
-                size, config.text_max_length, config.text_hidden_dim, config.text_layers, config.text_heads, config.embed_dim
+                size,
+                config.text_max_length,
+                config.text_hidden_dim,
+                config.text_layers,
+                config.text_heads,
+                config.embed_dim,
             )
         else:
             self.text_encoder = LSTMTextEncoder(

@@ -38,7 +38,18 @@ DATASETS = ("mnist", "fashion", "digits")
 CLASS_NAMES = {
     "mnist": tuple(str(digit) for digit in range(10)),
     "digits": tuple(str(digit) for digit in range(10)),
-    "fashion": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    "fashion": (
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ),
 }
 TORCHVISION_NAMES = {"mnist": "MNIST", "fashion": "FashionMNIST"}
 
@@ -110,7 +121,9 @@ def load_idx_dataset(dataset: str, data_dir: str | Path) -> tuple[Split, Split]:
     except (urllib.error.URLError, OSError, RuntimeError) as error:
         missing = [file for file in IDX_FILES if not (raw / file).exists()]
         if not missing:
-            raise DataError(f"could not read {name} in {raw}: {error}; delete the folder to download it afresh") from error
+            raise DataError(
+                f"could not read {name} in {raw}: {error}; delete the folder to download it afresh"
+            ) from error
         remove_failed_download(raw, files_before, folders_before)
         absent = f"--data-dir {root} does not exist" if root not in folders_before else f"{name} is not in {raw}"
         raise DataError(
@@ -138,7 +151,9 @@ def check_idx_files(raw: Path) -> None:
         images, labels = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
         n_images, n_labels = check_idx_file(images, (IMAGE_SIZE, IMAGE_SIZE)), check_idx_file(labels, ())
         if n_images != n_labels:
-            raise DataError(f"{images} holds {n_images:,} images but {labels} {n_labels:,} labels; delete both to download them afresh")
+            raise DataError(
+                f"{images} holds {n_images:,} images but {labels} {n_labels:,} labels; delete both to download them afresh"
+            )
 
 
 def check_idx_file(path: Path, item_shape: tuple[int, ...]) -> int:
@@ -200,7 +215,9 @@ class Augmentation:
     max_rotation: float = 10.0  # degrees
     max_scale: float = 0.1  # scaled by up to a factor 1 +- max_scale
     flip: bool = False  # mirror half the images left to right: right for clothes, wrong for digits
-    erase: float = 0.0  # the share of images in which a random rectangle is blanked (random erasing, Zhong et al., 2020)
+    erase: float = (
+        0.0  # the share of images in which a random rectangle is blanked (random erasing, Zhong et al., 2020)
+    )
     stroke: float = 0.0  # the share of images whose strokes are drawn thicker or thinner (random_stroke_width)
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -234,7 +251,12 @@ def extreme_3x3(images: torch.Tensor, pick: Callable[[torch.Tensor, torch.Tensor
 
 
 def random_affine(
-    images: torch.Tensor, max_shift: float, max_rotation: float, max_scale: float, generator: torch.Generator, flip: bool = False
+    images: torch.Tensor,
+    max_shift: float,
+    max_rotation: float,
+    max_scale: float,
+    generator: torch.Generator,
+    flip: bool = False,
 ) -> torch.Tensor:
     """Move each (N, H, W) uint8 image by its own random shift (up to `max_shift` pixels),
     rotation (up to `max_rotation` degrees) and scaling (by up to a factor 1 +- `max_scale`),
@@ -246,9 +268,13 @@ def random_affine(
     # affine_grid maps each output pixel to where it is read from: the inverse transform.
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     shift_x, shift_y = u[2] * 2 * max_shift / w, u[3] * 2 * max_shift / h  # in [-1, 1] image coordinates
-    theta = torch.stack([torch.stack([cos, -sin, shift_x], dim=1), torch.stack([sin, cos, shift_y], dim=1)], dim=1)  # (N, 2, 3)
+    theta = torch.stack(
+        [torch.stack([cos, -sin, shift_x], dim=1), torch.stack([sin, cos, shift_y], dim=1)], dim=1
+    )  # (N, 2, 3)
     if flip:  # reading column -x for column x mirrors the image
-        theta[:, :, 0] *= torch.where(torch.rand(n, device=images.device, generator=generator) < 0.5, -1.0, 1.0)[:, None]
+        theta[:, :, 0] *= torch.where(torch.rand(n, device=images.device, generator=generator) < 0.5, -1.0, 1.0)[
+            :, None
+        ]
     grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
     moved = F.grid_sample(images[:, None].float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return moved[:, 0].round().clamp(0, 255).to(torch.uint8)
@@ -264,7 +290,10 @@ def random_erase(images: torch.Tensor, probability: float, generator: torch.Gene
     aspect = torch.exp(math.log(0.3) + u[1] * (math.log(3.3) - math.log(0.3)))
     height, width = (area * aspect).sqrt().clamp(max=h), (area / aspect).sqrt().clamp(max=w)
     top, left = u[2] * (h - height), u[3] * (w - width)
-    rows, cols = torch.arange(h, device=images.device)[None, :, None], torch.arange(w, device=images.device)[None, None, :]
+    rows, cols = (
+        torch.arange(h, device=images.device)[None, :, None],
+        torch.arange(w, device=images.device)[None, None, :],
+    )
     inside_rows = (rows >= top[:, None, None]) & (rows < (top + height)[:, None, None])
     inside_cols = (cols >= left[:, None, None]) & (cols < (left + width)[:, None, None])
     return images.masked_fill(inside_rows & inside_cols & (u[4] < probability)[:, None, None], 0)
@@ -296,7 +325,9 @@ def random_resized_crop(images: torch.Tensor, min_area: float, flip: bool, gener
     centre_x, centre_y = (2 * u[2] - 1) * (1 - width), (2 * u[3] - 1) * (1 - height)
     mirror = torch.where(u[4] < 0.5, -1.0, 1.0) if flip else torch.ones(n, device=images.device)
     zero = torch.zeros(n, device=images.device)
-    theta = torch.stack([torch.stack([width * mirror, zero, centre_x], dim=1), torch.stack([zero, height, centre_y], dim=1)], dim=1)
+    theta = torch.stack(
+        [torch.stack([width * mirror, zero, centre_x], dim=1), torch.stack([zero, height, centre_y], dim=1)], dim=1
+    )
     grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
     cropped = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     return cropped.round().clamp(0, 255).to(torch.uint8)
@@ -334,7 +365,9 @@ def read_image_file(path: Path) -> Image.Image:
     except UnidentifiedImageError as error:
         raise ImageError("not a picture: the file is empty or of a kind Pillow cannot read") from error
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageError(f"refused: more than {Image.MAX_IMAGE_PIXELS:,} pixels, too large for a digit (a decompression bomb?)") from error
+        raise ImageError(
+            f"refused: more than {Image.MAX_IMAGE_PIXELS:,} pixels, too large for a digit (a decompression bomb?)"
+        ) from error
     except Exception as error:  # Pillow reports damaged data as OSError, SyntaxError, ValueError, struct.error and more
         raise ImageError(f"the picture is damaged or truncated ({type(error).__name__}: {error})") from error
 
@@ -354,16 +387,22 @@ def bright_on_black(image: Image.Image, thing: str) -> np.ndarray:
             values = np.asarray(image).astype(np.float64)
         peak = values[np.isfinite(values)].max(initial=0.0)
         full_scale = 1.0 if image.mode == "F" and peak <= 1 else max(255.0, 2.0 ** np.ceil(np.log2(peak + 1)) - 1)
-        pixels = np.nan_to_num(values, nan=0.0, posinf=full_scale, neginf=0.0).clip(0, full_scale) * (255.0 / full_scale)
+        pixels = np.nan_to_num(values, nan=0.0, posinf=full_scale, neginf=0.0).clip(0, full_scale) * (
+            255.0 / full_scale
+        )
     else:
         try:
             rgba = image.convert("RGBA")  # every other mode, transparency included
         except ValueError as error:
-            raise ImageError(f"pictures in colour mode {image.mode} are not supported: save it as PNG or JPEG") from error
+            raise ImageError(
+                f"pictures in colour mode {image.mode} are not supported: save it as PNG or JPEG"
+            ) from error
         # Transparent pixels are paper: composite onto white.
         paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         pixels = np.asarray(Image.alpha_composite(paper, rgba).convert("L"), dtype=np.float64)
-    background = np.median(np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]]))  # the paper, at the border
+    background = np.median(
+        np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    )  # the paper, at the border
     if background - pixels.min() > pixels.max() - background:  # darker than the paper: make it the bright part
         pixels, background = 255.0 - pixels, 255.0 - background
     contrast = pixels.max() - background
@@ -379,7 +418,9 @@ def resized(picture: np.ndarray, longest: int) -> np.ndarray:
     height, width = picture.shape
     scale = longest / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.asarray(Image.fromarray((picture * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS), dtype=np.float64)
+    return np.asarray(
+        Image.fromarray((picture * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS), dtype=np.float64
+    )
 
 
 def placed(picture: np.ndarray, top: float, left: float) -> torch.Tensor:

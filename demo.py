@@ -31,23 +31,44 @@ from inference import Classes, caption_cut_note, class_probabilities, nearest_to
 from text_encoder import TextError
 from utils import PRECISIONS, class_embeddings, embed_images, resolve_precision, settle_device
 
-MAX_PICTURE_BYTES = 20 * 2**20  # a phone's photo is a few MB; a larger file is refused, with a message on the page, before decoding
+MAX_PICTURE_BYTES = (
+    20 * 2**20
+)  # a phone's photo is a few MB; a larger file is refused, with a message on the page, before decoding
 MAX_UPLOAD_BYTES = 200 * 2**20  # Gradio refuses larger uploads outright, so that no upload fills the disk
 CANVAS_SIZE = 280  # pixels of the square sketchpad: plenty for a digit, and cheap to send with each stroke
-BRUSH_RADIUS = 11  # a digit drawn across most of the canvas then has strokes about as thick, for its size, as MNIST's pen
+BRUSH_RADIUS = (
+    11  # a digit drawn across most of the canvas then has strokes about as thick, for its size, as MNIST's pen
+)
 SHOWN_SIZE = 112  # pixels the 28x28 images are shown at, enlarged without smoothing so each pixel stays visible
-SHOWN_FORMAT = "png"  # lossless, so that the page shows exactly the pixels the model saw (Gradio's default, webp, is lossy)
+SHOWN_FORMAT = (
+    "png"  # lossless, so that the page shows exactly the pixels the model saw (Gradio's default, webp, is lossy)
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint to load (default: the newest runs/*/best.pt)")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--checkpoint", type=Path, default=None, help="checkpoint to load (default: the newest runs/*/best.pt)"
+    )
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where to look for the newest run")
-    p.add_argument("--data-dir", default=None, help="folder that holds the data set (default: the one the model was trained on)")
+    p.add_argument(
+        "--data-dir", default=None, help="folder that holds the data set (default: the one the model was trained on)"
+    )
     p.add_argument("--port", type=int, default=7860, help="port to serve on, at 127.0.0.1")
-    p.add_argument("--share", action="store_true", help="also make a public link through Gradio's servers (off: only this machine sees it)")
+    p.add_argument(
+        "--share",
+        action="store_true",
+        help="also make a public link through Gradio's servers (off: only this machine sees it)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to run")
-    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 where the hardware runs it natively, fp32 elsewhere")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="auto: bf16 where the hardware runs it natively, fp32 elsewhere",
+    )
     args = p.parse_args(argv)
     settle_device(p, args)
     if not port_is_free(args.port):  # said at once, not after the model and the test split have loaded
@@ -57,7 +78,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def port_is_free(port: int) -> bool:
     with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: a port that recently served is free
+        probe.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as the server binds: a port that recently served is free
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
@@ -83,10 +106,14 @@ def load_reader(args: argparse.Namespace) -> Reader:
     precision, why = resolve_precision(args.precision, args.device)
     dataset, data_dir = state["args"]["dataset"], args.data_dir or state["args"]["data_dir"]
     test = load_splits(dataset, data_dir, val_size=state["args"]["val_size"]).test
-    gallery = Gallery("test", test, embed_images(model, test.images, precision), class_embeddings(model), CLASS_NAMES[dataset])
+    gallery = Gallery(
+        "test", test, embed_images(model, test.images, precision), class_embeddings(model), CLASS_NAMES[dataset]
+    )
     print(f"loaded {checkpoint} (epoch {state['epoch']}); {why}; {len(test):,} test images embedded")
     if dataset == "mnist" and not state["args"].get("stroke"):
-        print("this model knows MNIST's pen strokes only: one trained with `python train.py --stroke 0.5` reads drawings better")
+        print(
+            "this model knows MNIST's pen strokes only: one trained with `python train.py --stroke 0.5` reads drawings better"
+        )
     return Reader(model, precision, gallery, Classes(list(CLASS_NAMES[dataset]), gallery.text_features), dataset)
 
 
@@ -109,7 +136,9 @@ def upload_to_picture(path: str | None) -> Image.Image:
         raise ImageError("no file: choose a picture of a digit")
     size = Path(path).stat().st_size
     if size > MAX_PICTURE_BYTES:
-        raise ImageError(f"the file is {size / 2**20:.0f} MB, more than the {MAX_PICTURE_BYTES // 2**20} MB a photo of a digit needs")
+        raise ImageError(
+            f"the file is {size / 2**20:.0f} MB, more than the {MAX_PICTURE_BYTES // 2**20} MB a photo of a digit needs"
+        )
     return read_image_file(Path(path))
 
 
@@ -174,7 +203,13 @@ def picture_handler(reader: Reader, to_picture: Callable) -> Callable:
 def image_row(label: str, elem_id: str) -> gr.Gallery:
     """A row of test images with their labels, each shown pixel for pixel."""
     return gr.Gallery(
-        label=label, columns=5, height=SHOWN_SIZE + 90, object_fit="contain", format=SHOWN_FORMAT, buttons=[], elem_id=elem_id
+        label=label,
+        columns=5,
+        height=SHOWN_SIZE + 90,
+        object_fit="contain",
+        format=SHOWN_FORMAT,
+        buttons=[],
+        elem_id=elem_id,
     )
 
 
@@ -182,7 +217,9 @@ def build_page(reader: Reader) -> gr.Blocks:
     """The page: a sketchpad and an upload on the left, what the model made of them on the right, and
     below, test images found by a caption."""
     with gr.Blocks(title="mnist-clip: draw a digit") as page:
-        gr.Markdown("# Draw a digit\nPick the brush and draw one digit with the mouse or a finger, or upload a photo of one.")
+        gr.Markdown(
+            "# Draw a digit\nPick the brush and draw one digit with the mouse or a finger, or upload a photo of one."
+        )
         with gr.Row():
             with gr.Column():
                 sketchpad = gr.Sketchpad(
@@ -197,11 +234,15 @@ def build_page(reader: Reader) -> gr.Blocks:
                     elem_id="sketchpad",
                 )
                 read_drawing = gr.Button("Read the drawing", variant="primary")
-                upload = gr.File(label="Or upload a photo of a digit", file_types=["image"], type="filepath", elem_id="upload")
+                upload = gr.File(
+                    label="Or upload a photo of a digit", file_types=["image"], type="filepath", elem_id="upload"
+                )
             with gr.Column():
                 verdict = gr.Markdown("Draw a digit, or upload a photo.", elem_id="verdict")
                 probabilities = gr.Label(
-                    label="Probability of each class", num_top_classes=len(reader.classes.names), elem_id="probabilities"
+                    label="Probability of each class",
+                    num_top_classes=len(reader.classes.names),
+                    elem_id="probabilities",
                 )
                 seen = gr.Image(
                     label="What the model saw (28x28)",

@@ -51,7 +51,9 @@ ONE_PROCESS = Process()  # a plain run's
 
 def this_process() -> Process:
     """Which process this is, from torchrun's environment; the one process of a plain run without it."""
-    return Process(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+    return Process(
+        int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+    )
 
 
 def start(process: Process, device: torch.device) -> None:
@@ -209,7 +211,11 @@ class GatherWithGradients(torch.autograd.Function):
 
 
 def local_clip_loss(
-    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor, positives: torch.Tensor, process: Process
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    positives: torch.Tensor,
+    process: Process,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This process's share of clip.clip_loss over the global batch, and its (b, B) logits of its images
     against every caption. image_features and text_features: (b, D), this process's images and their

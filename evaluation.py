@@ -54,7 +54,9 @@ class Gallery:
     image_features: torch.Tensor  # (N, D), unit norm
     text_features: torch.Tensor  # (10, D), the class captions
     class_names: tuple[str, ...] = figures.DIGITS
-    template_sets: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (10, D), each digit's captions averaged
+    template_sets: dict[str, torch.Tensor] = field(
+        default_factory=dict
+    )  # name -> (10, D), each digit's captions averaged
     prompts: dict[str, torch.Tensor] = field(default_factory=dict)  # free text -> (D,)
     attribute_queries: CaptionQueries | None = None
     # For a model trained on MNIST: how it reads handwriting from other writers (user_style_digits.score).
@@ -100,7 +102,9 @@ def print_captions(results: dict) -> None:
         )
 
 
-def nearest_images(queries: torch.Tensor, gallery: torch.Tensor, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_images(
+    queries: torch.Tensor, gallery: torch.Tensor, exclude: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(Q, TOP_K) indices of the gallery images most similar to each query, by cosine, and their
     cosines; `exclude` holds each query's own gallery index, which is never its own neighbour."""
     cosines = queries @ gallery.T
@@ -113,7 +117,10 @@ def nearest_images(queries: torch.Tensor, gallery: torch.Tensor, exclude: torch.
 def print_metrics(metrics: dict, n_images: int, names: tuple[str, ...]) -> None:
     zero_shot, text_to_image = metrics["zero_shot"], metrics["text_to_image"]
     print(f"zero-shot classification: top-1 {zero_shot['top1_accuracy']:.2%}, top-2 {zero_shot['top2_accuracy']:.2%}")
-    per_class = (f"{name}:{'absent' if a is None else f'{a:.2%}'}" for name, a in zip(names, zero_shot["per_digit_accuracy"], strict=True))
+    per_class = (
+        f"{name}:{'absent' if a is None else f'{a:.2%}'}"
+        for name, a in zip(names, zero_shot["per_digit_accuracy"], strict=True)
+    )
     print("  accuracy per class  " + "  ".join(per_class))
     print("  confusion matrix (rows: true class, columns: predicted)")
     width = max(map(len, names))
@@ -138,7 +145,9 @@ def print_metrics(metrics: dict, n_images: int, names: tuple[str, ...]) -> None:
         f"{100 - gap['mean_returned_percentile']:.0f}% of their class ({100 - gap['mean_returned_percentile_by_cosine']:.0f}% by plain cosine)"
     )
     image_to_text, similarity = metrics["image_to_text"], metrics["similarity"]
-    print(f"image-to-text: recall@1 {image_to_text['recall@1']:.2%}, mean rank of the correct class {image_to_text['mean_rank']:.3f}")
+    print(
+        f"image-to-text: recall@1 {image_to_text['recall@1']:.2%}, mean rank of the correct class {image_to_text['mean_rank']:.3f}"
+    )
     print(
         f"cosine similarity: matching image-text pairs {similarity['matching']:+.3f}, "
         f"non-matching {similarity['non_matching']:+.3f}, gap {similarity['gap']:.3f}"
@@ -162,7 +171,9 @@ def evaluate(gallery: Gallery, state: dict, output_dir: Path) -> dict:
     metrics_path = output_dir / f"metrics{suffix}.json"
     metrics_path.write_text(json.dumps({"split": gallery.name, "images": len(split), **metrics}, indent=2))
 
-    from torch.utils.tensorboard import SummaryWriter  # imported here: TensorBoard takes seconds to import, and only --evaluate needs it
+    from torch.utils.tensorboard import (
+        SummaryWriter,
+    )  # imported here: TensorBoard takes seconds to import, and only --evaluate needs it
 
     figure_dir, step = output_dir / f"evaluation{suffix}", state["step"]
     writer = SummaryWriter(str(output_dir))  # beside the training logs, so TensorBoard shows them together
@@ -174,7 +185,10 @@ def evaluate(gallery: Gallery, state: dict, output_dir: Path) -> dict:
     predictions = similarities.argmax(dim=1)
     save(
         figures.plot_similarity_matrix(
-            split.images[:SIMILARITY_ROWS], labels[:SIMILARITY_ROWS], similarities[:SIMILARITY_ROWS], names=gallery.class_names
+            split.images[:SIMILARITY_ROWS],
+            labels[:SIMILARITY_ROWS],
+            similarities[:SIMILARITY_ROWS],
+            names=gallery.class_names,
         ),
         "similarity_matrix",
     )
@@ -183,19 +197,34 @@ def evaluate(gallery: Gallery, state: dict, output_dir: Path) -> dict:
         prompt_features = torch.stack(list(gallery.prompts.values())).cpu()
         rows = slice(0, SIMILARITY_ROWS)
         figure = figures.plot_similarity_matrix(
-            split.images[rows], labels[rows], image_features[rows] @ prompt_features.T, list(gallery.prompts), gallery.class_names
+            split.images[rows],
+            labels[rows],
+            image_features[rows] @ prompt_features.T,
+            list(gallery.prompts),
+            gallery.class_names,
         )
         save(figure, "prompt_similarity")
     if gallery.attribute_queries is not None:
         words = ATTRIBUTE_WORDS["en"]
-        save(figures.plot_attribute_bins(split.images, gallery.attribute_queries.properties.cpu(), words), "attribute_bins")
+        save(
+            figures.plot_attribute_bins(split.images, gallery.attribute_queries.properties.cpu(), words),
+            "attribute_bins",
+        )
 
     names = gallery.class_names
-    queries = torch.stack([(labels == label).nonzero()[0, 0] for label in labels.unique()])  # the first image of each class
+    queries = torch.stack(
+        [(labels == label).nonzero()[0, 0] for label in labels.unique()]
+    )  # the first image of each class
     nearest, cosines = nearest_images(image_features[queries], image_features, exclude=queries)
     query_titles = [f"query ({names[label]})" for label in labels[queries].tolist()]
     figure = figures.plot_retrieval(
-        list(split.images[queries]), split.images[nearest], labels[nearest], cosines, labels[queries].tolist(), query_titles, names
+        list(split.images[queries]),
+        split.images[nearest],
+        labels[nearest],
+        cosines,
+        labels[queries].tolist(),
+        query_titles,
+        names,
     )
     save(figure, "image_retrieval")
 
@@ -207,7 +236,13 @@ def evaluate(gallery: Gallery, state: dict, output_dir: Path) -> dict:
         top = (texts @ images.T).topk(TOP_K)
         captions = [f'"{names[c]}"' for c in classes]
         figure = figures.plot_retrieval(
-            captions, split.images[top.indices], labels[top.indices], top.values, classes, ["caption"] * len(classes), names
+            captions,
+            split.images[top.indices],
+            labels[top.indices],
+            top.values,
+            classes,
+            ["caption"] * len(classes),
+            names,
         )
         save(figure, name)
 
@@ -227,7 +262,9 @@ def evaluate(gallery: Gallery, state: dict, output_dir: Path) -> dict:
         tag=f"{gallery.name}_images",
     )
     writer.close()
-    print(f"metrics in {metrics_path}, figures in {figure_dir}/, embeddings in TensorBoard: tensorboard --logdir {output_dir}")
+    print(
+        f"metrics in {metrics_path}, figures in {figure_dir}/, embeddings in TensorBoard: tensorboard --logdir {output_dir}"
+    )
     return metrics
 
 
@@ -244,7 +281,9 @@ class PhotoGallery:
 
     def relevant(self, texts: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """Whether each image of `images` (Q, k) has a caption of text `texts[q]`, (Q, k) bool."""
-        owns = torch.zeros(len(self.photos), int(self.caption_text.max()) + 1, dtype=torch.bool, device=self.caption_text.device)
+        owns = torch.zeros(
+            len(self.photos), int(self.caption_text.max()) + 1, dtype=torch.bool, device=self.caption_text.device
+        )
         owns[self.photos.caption_image.to(owns.device), self.caption_text] = True
         return owns[images, texts[:, None]]
 
@@ -256,7 +295,9 @@ def evaluate_photos(gallery: PhotoGallery, state: dict, output_dir: Path) -> dic
     and the training curves."""
     photos = gallery.photos
     caption_image = photos.caption_image.to(gallery.caption_text.device)
-    metrics = image_caption_retrieval(gallery.image_features, gallery.caption_features, caption_image, gallery.caption_text)
+    metrics = image_caption_retrieval(
+        gallery.image_features, gallery.caption_features, caption_image, gallery.caption_text
+    )
     print(f"{gallery.name} retrieval ({len(photos):,} photos, {len(photos.captions):,} captions): {rsum_line(metrics)}")
     similarity = metrics["similarity"]
     print(
@@ -276,17 +317,23 @@ def evaluate_photos(gallery: PhotoGallery, state: dict, output_dir: Path) -> dic
         figures.save(figure, figure_dir / f"{name}.png", writer, f"{figure_dir.name}/{name}", step)
 
     # The first caption of photos spread evenly over the split.
-    queried_photos = torch.linspace(0, len(photos) - 1, min(CAPTION_QUERIES, len(photos))).round().long().to(caption_image.device)
+    queried_photos = (
+        torch.linspace(0, len(photos) - 1, min(CAPTION_QUERIES, len(photos))).round().long().to(caption_image.device)
+    )
     queries = torch.stack([(caption_image == photo).nonzero()[0, 0] for photo in queried_photos])
     top = (gallery.caption_features[queries] @ gallery.image_features.T).topk(min(TOP_K, len(photos)))
     relevant = gallery.relevant(gallery.caption_text[queries], top.indices)
     shown = photos.images[top.indices.cpu()]
     save(
-        figures.plot_caption_retrieval([photos.captions[q] for q in queries.tolist()], shown, top.values.cpu(), relevant.cpu()),
+        figures.plot_caption_retrieval(
+            [photos.captions[q] for q in queries.tolist()], shown, top.values.cpu(), relevant.cpu()
+        ),
         "text_retrieval",
     )
 
-    sample = torch.randperm(len(photos), generator=torch.Generator().manual_seed(0))[:TSNE_PHOTOS].to(caption_image.device)
+    sample = torch.randperm(len(photos), generator=torch.Generator().manual_seed(0))[:TSNE_PHOTOS].to(
+        caption_image.device
+    )
     in_sample = torch.isin(caption_image, sample)
     # Renumbered: the sampled photos are 0..S-1 in the figure.
     renumbered = torch.full((len(photos),), -1, dtype=torch.long, device=caption_image.device)
@@ -300,8 +347,13 @@ def evaluate_photos(gallery: PhotoGallery, state: dict, output_dir: Path) -> dic
     save(figure, "tsne")
     save(figures.plot_training_curves(state["history"]), "training_curves")
     writer.add_embedding(
-        gallery.image_features[sample], label_img=photos.images[sample.cpu()].float() / 255, global_step=step, tag=f"{gallery.name}_photos"
+        gallery.image_features[sample],
+        label_img=photos.images[sample.cpu()].float() / 255,
+        global_step=step,
+        tag=f"{gallery.name}_photos",
     )
     writer.close()
-    print(f"metrics in {metrics_path}, figures in {figure_dir}/, embeddings in TensorBoard: tensorboard --logdir {output_dir}")
+    print(
+        f"metrics in {metrics_path}, figures in {figure_dir}/, embeddings in TensorBoard: tensorboard --logdir {output_dir}"
+    )
     return metrics

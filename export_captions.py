@@ -168,7 +168,10 @@ def staged(output: Path) -> Iterator[Path]:
 def write_captions(folder: Path, layout: str, names: list[str], captions: list[list[str]]) -> None:
     """Each image's captions in `layout`'s own files, the images named by their file `names`."""
     if layout == "json":
-        index = [{"image_path": f"{IMAGE_FOLDERS[layout]}/{name}", "captions": texts} for name, texts in zip(names, captions, strict=True)]
+        index = [
+            {"image_path": f"{IMAGE_FOLDERS[layout]}/{name}", "captions": texts}
+            for name, texts in zip(names, captions, strict=True)
+        ]
         write_text(folder / "captions.json", json.dumps(index, ensure_ascii=False, indent=2) + "\n")
     elif layout == "folders":
         (folder / "captions").mkdir()
@@ -189,7 +192,9 @@ def write_text(path: Path, text: str) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument(
         "--dataset",
         choices=DATASETS,
@@ -197,10 +202,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="mnist: digits as PNG with attribute captions; fashion: clothes as JPEG with class-name captions; "
         "digits: scikit-learn's offline 8x8 digits as MNIST's",
     )
-    p.add_argument("--layout", choices=LAYOUTS, required=True, help="how the files are laid out (see the top of export_captions.py)")
+    p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        required=True,
+        help="how the files are laid out (see the top of export_captions.py)",
+    )
     p.add_argument("--output", type=Path, required=True, help="the new or empty folder to write into")
     p.add_argument("--data-dir", default="data", help="folder that holds (or receives) the data set")
-    p.add_argument("--count", type=positive_int, default=None, help="export only the first N test images (all when left out)")
+    p.add_argument(
+        "--count", type=positive_int, default=None, help="export only the first N test images (all when left out)"
+    )
     p.add_argument("--captions-per-image", type=positive_int, default=5, help="distinct captions drawn for each image")
     p.add_argument("--seed", type=int, default=0, help="random seed of the captions drawn")
     return p.parse_args(argv)
@@ -209,7 +221,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> Exported:
     args = parse_args(argv)
     try:
-        exported = export(args.dataset, args.layout, args.output, args.data_dir, args.count, args.captions_per_image, args.seed)
+        exported = export(
+            args.dataset, args.layout, args.output, args.data_dir, args.count, args.captions_per_image, args.seed
+        )
     except (DataError, ExportError) as error:
         raise SystemExit(f"error: {error}") from None
     n_images, n_captions = len(exported.files), sum(len(texts) for texts in exported.captions)

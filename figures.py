@@ -28,7 +28,9 @@ from metrics import centred
 
 DPI = 90  # small PNGs that still read well
 DIGITS = tuple(str(digit) for digit in range(10))  # the class names of digit data sets; others pass their own
-THUMBNAILS = 6  # images drawn as pictures on a caption t-SNE: enough to show a pattern, few enough to leave the map readable
+THUMBNAILS = (
+    6  # images drawn as pictures on a caption t-SNE: enough to show a pattern, few enough to leave the map readable
+)
 THUMBNAIL_POINTS = 30  # their height
 IMAGE_COLOUR, CAPTION_COLOUR = "tab:blue", "tab:orange"
 # Chinese captions need a font with its glyphs: matplotlib takes each glyph from the first font of
@@ -83,24 +85,34 @@ def plot_retrieval(
     figure, axes = plt.subplots(n_rows, k + 1, figsize=(1.25 * (k + 1), 1.4 * n_rows), squeeze=False)
     for row, (query, title, target) in enumerate(zip(queries, query_titles, expected, strict=True)):
         if isinstance(query, str):
-            axes[row, 0].text(0.5, 0.5, textwrap.fill(query, 16), ha="center", va="center", fontsize=12 if len(query) < 8 else 8)
+            axes[row, 0].text(
+                0.5, 0.5, textwrap.fill(query, 16), ha="center", va="center", fontsize=12 if len(query) < 8 else 8
+            )
             axes[row, 0].set_title(title, fontsize=9)
             axes[row, 0].axis("off")
         else:
             show_image(axes[row, 0], query, title)
-        for axis, image, label, score in zip(axes[row, 1:], images[row], labels[row].tolist(), scores[row].tolist(), strict=True):
-            show_image(axis, image, f"{names[label]} ({score:.2f})", color="black" if target in (None, label) else "red")
+        for axis, image, label, score in zip(
+            axes[row, 1:], images[row], labels[row].tolist(), scores[row].tolist(), strict=True
+        ):
+            show_image(
+                axis, image, f"{names[label]} ({score:.2f})", color="black" if target in (None, label) else "red"
+            )
     figure.tight_layout()
     return figure
 
 
-def plot_caption_retrieval(captions: list[str], images: torch.Tensor, scores: torch.Tensor, relevant: torch.Tensor | None) -> Figure:
+def plot_caption_retrieval(
+    captions: list[str], images: torch.Tensor, scores: torch.Tensor, relevant: torch.Tensor | None
+) -> Figure:
     """One row per caption query: its text, then its K nearest images (images: (Q, K, H, W) grey or
     (Q, K, 3, H, W) colour; scores, relevant: (Q, K)), each titled with its cosine similarity, green
     where it is relevant to the caption and red where it is not; black for a free-text query
     (`relevant` None), of which nothing is known."""
     n_rows, k = scores.shape
-    figure, axes = plt.subplots(n_rows, k + 1, figsize=(2.5 + 1.25 * k, 1.4 * n_rows), width_ratios=(2, *[1] * k), squeeze=False)
+    figure, axes = plt.subplots(
+        n_rows, k + 1, figsize=(2.5 + 1.25 * k, 1.4 * n_rows), width_ratios=(2, *[1] * k), squeeze=False
+    )
     for row, caption in enumerate(captions):
         # A CJK character is about as wide as two Latin letters; textwrap breaks unspaced Chinese at the width.
         text = textwrap.fill(caption, 24 if caption.isascii() else 12, max_lines=6, placeholder=" ...")
@@ -130,20 +142,31 @@ def plot_similarity_matrix(
         1, 2, figsize=(9.5 if wide else 7.5, 0.42 * n + (2.2 if wide else 1)), width_ratios=(1, 10), sharey=True
     )
     # The images stacked into one column, each filling the height of its heatmap row.
-    image_axis.imshow(images.reshape(-1, images.shape[-1]).cpu().numpy(), cmap="gray", extent=(0, 1, n - 0.5, -0.5), aspect="auto")
+    image_axis.imshow(
+        images.reshape(-1, images.shape[-1]).cpu().numpy(), cmap="gray", extent=(0, 1, n - 0.5, -0.5), aspect="auto"
+    )
     image_axis.set_xticks([])
-    rows = [f"a {names[t]}" if wide else f"true {names[t]}, pred {names[p]}" for t, p in zip(labels.tolist(), predictions, strict=True)]
+    rows = [
+        f"a {names[t]}" if wide else f"true {names[t]}, pred {names[p]}"
+        for t, p in zip(labels.tolist(), predictions, strict=True)
+    ]
     image_axis.set_yticks(range(n), rows, fontsize=8)
     for tick, true, predicted in zip(image_axis.get_yticklabels(), labels.tolist(), predictions, strict=True):
         tick.set_color("black" if wide or true == predicted else "red")
     heat = heat_axis.imshow(similarities.cpu().numpy(), cmap="viridis", aspect="auto")
     for row, col in np.ndindex(*similarities.shape):
         value = similarities[row, col].item()
-        heat_axis.text(col, row, f"{value:.2f}", ha="center", va="center", fontsize=6, color="black" if value > 0.5 else "white")
+        heat_axis.text(
+            col, row, f"{value:.2f}", ha="center", va="center", fontsize=6, color="black" if value > 0.5 else "white"
+        )
     columns = prompts if wide else [f'"{name}"' for name in names]
-    heat_axis.set_xticks(range(similarities.shape[1]), columns, rotation=35 if wide else 0, ha="left" if wide else "center", fontsize=8)
+    heat_axis.set_xticks(
+        range(similarities.shape[1]), columns, rotation=35 if wide else 0, ha="left" if wide else "center", fontsize=8
+    )
     heat_axis.xaxis.tick_top()
-    heat_axis.set_title(f"cosine similarity of test images with {'free-text prompts' if wide else 'the class captions'}", fontsize=10)
+    heat_axis.set_title(
+        f"cosine similarity of test images with {'free-text prompts' if wide else 'the class captions'}", fontsize=10
+    )
     figure.colorbar(heat, ax=heat_axis, fraction=0.04)
     return figure
 
@@ -163,7 +186,11 @@ def tsne_2d(features: torch.Tensor, seed: int) -> np.ndarray:
 
 
 def plot_tsne(
-    image_features: torch.Tensor, labels: torch.Tensor, text_features: torch.Tensor, names: tuple[str, ...] = DIGITS, seed: int = 0
+    image_features: torch.Tensor,
+    labels: torch.Tensor,
+    text_features: torch.Tensor,
+    names: tuple[str, ...] = DIGITS,
+    seed: int = 0,
 ) -> Figure:
     """A 2-D t-SNE map of image embeddings, coloured by digit, with the caption embeddings
     mapped alongside as numbered stars. t-SNE keeps neighbourhoods, not distances: tight,
@@ -172,7 +199,9 @@ def plot_tsne(
     images_2d, texts_2d = embedded[: len(image_features)], embedded[len(image_features) :]
     figure, axis = plt.subplots(figsize=(6.5, 6))
     colours = plt.get_cmap("tab10")
-    axis.scatter(images_2d[:, 0], images_2d[:, 1], c=labels.cpu().numpy(), cmap="tab10", vmin=-0.5, vmax=9.5, s=4, alpha=0.6)
+    axis.scatter(
+        images_2d[:, 0], images_2d[:, 1], c=labels.cpu().numpy(), cmap="tab10", vmin=-0.5, vmax=9.5, s=4, alpha=0.6
+    )
     for digit, (x, y) in enumerate(texts_2d):
         axis.scatter(x, y, marker="*", s=400, color=colours(digit), edgecolors="black", linewidths=1.2)
         axis.annotate(
@@ -184,7 +213,9 @@ def plot_tsne(
             weight="bold",
             bbox={"fc": "white", "ec": "none", "alpha": 0.7},
         )
-    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colours(d), label=name) for d, name in enumerate(names)]
+    handles = [
+        plt.Line2D([], [], marker="o", linestyle="", color=colours(d), label=name) for d, name in enumerate(names)
+    ]
     axis.legend(handles=handles, title="class", loc="center left", bbox_to_anchor=(1, 0.5), fontsize=8)
     axis.set_title(f"t-SNE of {len(image_features):,} test image embeddings; stars: the captions", fontsize=10)
     axis.set_xticks([])
@@ -255,13 +286,17 @@ def plot_confusion_matrix(confusion: list[list[int]], names: tuple[str, ...] = D
     axis.imshow(np.ma.masked_equal(counts, 0), cmap="Blues", norm=LogNorm(vmin=1, vmax=max(counts.max(), 1)))
     for (row, col), count in np.ndenumerate(counts):
         if count:
-            axis.text(col, row, str(count), ha="center", va="center", fontsize=7, color="white" if row == col else "black")
+            axis.text(
+                col, row, str(count), ha="center", va="center", fontsize=7, color="white" if row == col else "black"
+            )
     wide = max(map(len, names)) > 2
     axis.set_xticks(range(len(counts)), names, rotation=45 if wide else 0, ha="right" if wide else "center")
     axis.set_yticks(range(len(counts)), names)
     axis.set_xlabel("predicted")
     axis.set_ylabel("true")
-    axis.set_title(f"zero-shot confusion matrix ({counts.sum() - np.trace(counts)} errors in {counts.sum():,})", fontsize=10)
+    axis.set_title(
+        f"zero-shot confusion matrix ({counts.sum() - np.trace(counts)} errors in {counts.sum():,})", fontsize=10
+    )
     return figure
 
 
@@ -280,7 +315,10 @@ def plot_misclassified(
         axis.axis("off")
     for axis, image, label, predicted in zip(axes.flat, images, labels.tolist(), predictions.tolist(), strict=False):
         show_image(
-            axis, image, f"{names[label]} ->\n{names[predicted]}" if len(names[label]) > 2 else f"{label} -> {predicted}", color="red"
+            axis,
+            image,
+            f"{names[label]} ->\n{names[predicted]}" if len(names[label]) > 2 else f"{label} -> {predicted}",
+            color="red",
         )
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
@@ -291,7 +329,11 @@ def plot_training_curves(history: list[dict]) -> Figure:
     """Training loss, the validation score (zero-shot accuracy, or RSum for captioned photos) and logit
     scale per epoch, from a checkpoint's history."""
     epochs = [entry["epoch"] for entry in history]
-    score = ("val_rsum", "validation RSum") if "val_rsum" in history[0] else ("val_accuracy", "validation zero-shot accuracy")
+    score = (
+        ("val_rsum", "validation RSum")
+        if "val_rsum" in history[0]
+        else ("val_accuracy", "validation zero-shot accuracy")
+    )
     panels = (("train_loss", "training loss"), score, ("logit_scale", "logit scale exp(t)"))
     figure, axes = plt.subplots(1, len(panels), figsize=(11, 3))
     for axis, (key, title) in zip(axes, panels, strict=True):
@@ -314,7 +356,10 @@ def plot_predictions(names: list[str], images: torch.Tensor, probabilities: torc
         show_image(image_axis, image, name)
         # A log scale: a confident model puts ~0.999 on one class, and the runner-ups are what is worth seeing.
         bar_axis.bar(
-            range(len(classes)), p.tolist(), color=["tab:blue" if c == predicted else "tab:gray" for c in range(len(classes))], log=True
+            range(len(classes)),
+            p.tolist(),
+            color=["tab:blue" if c == predicted else "tab:gray" for c in range(len(classes))],
+            log=True,
         )
         bar_axis.set_xticks(range(len(classes)), classes, fontsize=8)
         bar_axis.set_ylim(1e-4, 1)

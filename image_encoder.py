@@ -87,11 +87,17 @@ def load_torchvision_weights(encoder: nn.Module, path: Path) -> list[str]:
     try:
         weights = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise WeightsError(f"--pretrained-weights {path} does not exist: give the path of a torchvision resnet18 .pth file") from None
+        raise WeightsError(
+            f"--pretrained-weights {path} does not exist: give the path of a torchvision resnet18 .pth file"
+        ) from None
     except Exception as error:  # a damaged or foreign file fails in torch.load in many ways
-        raise WeightsError(f"--pretrained-weights {path} cannot be read as a state dict ({type(error).__name__})") from error
+        raise WeightsError(
+            f"--pretrained-weights {path} cannot be read as a state dict ({type(error).__name__})"
+        ) from error
     if not isinstance(weights, dict) or not all(isinstance(value, torch.Tensor) for value in weights.values()):
-        raise WeightsError(f"--pretrained-weights {path} is not a state dict of tensors: give torchvision's resnet18 weights")
+        raise WeightsError(
+            f"--pretrained-weights {path} is not a state dict of tensors: give torchvision's resnet18 weights"
+        )
     own = encoder.state_dict()
     fitting = {name: value for name, value in weights.items() if name in own and own[name].shape == value.shape}
     missing = sorted(set(own) - set(fitting))

@@ -34,7 +34,15 @@ from dataset import CLASS_NAMES, DATASETS, DataError, ImageError, load_splits, l
 from evaluation import TOP_K, CaptionQueries, Gallery, PhotoGallery, evaluate, evaluate_photos, nearest_images
 from metrics import centred, zero_shot_classification
 from text_encoder import DIGIT_CAPTIONS, TextError, normalize_text
-from utils import PRECISIONS, class_embeddings, embed_captions, embed_images, embed_texts, resolve_precision, settle_device
+from utils import (
+    PRECISIONS,
+    class_embeddings,
+    embed_captions,
+    embed_images,
+    embed_texts,
+    resolve_precision,
+    settle_device,
+)
 
 # Free-text prompts whose similarity with a few test images --evaluate draws, for a model that reads sentences.
 PROMPTS = (
@@ -49,14 +57,25 @@ PROMPTS = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=None, help="checkpoint to load (default: the newest runs/*/best.pt)")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--checkpoint", type=Path, default=None, help="checkpoint to load (default: the newest runs/*/best.pt)"
+    )
     p.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where to look for the newest run")
     p.add_argument("--dataset", choices=DATASETS, default=None, help="test data (default: the checkpoint's)")
     p.add_argument(
-        "--data-dir", default=None, help="folder that holds (or receives) the data set (default: the one the model was trained on)"
+        "--data-dir",
+        default=None,
+        help="folder that holds (or receives) the data set (default: the one the model was trained on)",
     )
-    p.add_argument("--cache-dir", type=Path, default=None, help="where a captions collection's photos are cached (default: the run's)")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where a captions collection's photos are cached (default: the run's)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to run")
     p.add_argument(
         "--precision",
@@ -65,18 +84,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="auto: bf16 where the hardware runs it natively, fp32 elsewhere (as train.py)",
     )
     p.add_argument(
-        "--split", choices=("test", "val"), default="test", help="the images to classify and retrieve from: test, or the validation split"
+        "--split",
+        choices=("test", "val"),
+        default="test",
+        help="the images to classify and retrieve from: test, or the validation split",
     )
     p.add_argument("--index", type=int, default=0, help="image of the split to classify and to query with")
     p.add_argument("--image", type=Path, nargs="+", default=None, help="your own image files to classify instead")
     p.add_argument(
-        "--text", default=None, help='also show the images nearest to this caption: "0".."9", or any sentence for a model that reads them'
+        "--text",
+        default=None,
+        help='also show the images nearest to this caption: "0".."9", or any sentence for a model that reads them',
     )
     p.add_argument(
-        "--labels", default=None, help="classify as these classes instead: comma-separated names, or a UTF-8 file of one name per line"
+        "--labels",
+        default=None,
+        help="classify as these classes instead: comma-separated names, or a UTF-8 file of one name per line",
     )
     p.add_argument("--template", default="{}", help='the caption made of each of --labels, such as "a photo of a {}"')
-    p.add_argument("--output-dir", type=Path, default=None, help="where figures go (default: the checkpoint's run folder)")
+    p.add_argument(
+        "--output-dir", type=Path, default=None, help="where figures go (default: the checkpoint's run folder)"
+    )
     p.add_argument(
         "--evaluate",
         action="store_true",
@@ -105,7 +133,9 @@ def user_classes(model: CLIP, labels: str, template: str) -> Classes:
         try:
             names = path.read_bytes().decode("utf-8").splitlines()
         except UnicodeDecodeError as error:
-            raise TextError(f"{path} is not UTF-8 text (byte {error.start}): save it as UTF-8, one class name per line") from None
+            raise TextError(
+                f"{path} is not UTF-8 text (byte {error.start}): save it as UTF-8, one class name per line"
+            ) from None
     else:
         names = labels.split(",")
     names = [name.strip() for name in names if name.strip()]
@@ -131,7 +161,10 @@ def print_similarities(name: str, classes: Classes, similarities: torch.Tensor, 
     top2 = probabilities.topk(min(2, len(classes.names)))
     first, second = (classes.names[i] for i in top2.indices.tolist())
     print(f"{name}: predicted {first} (p={top2.values[0]:.3f}), runner-up {second} (p={top2.values[1]:.3f})")
-    print("  cosine to the classes " + "  ".join(f"{c}:{s:+.3f}" for c, s in zip(classes.names, similarities.tolist(), strict=True)))
+    print(
+        "  cosine to the classes "
+        + "  ".join(f"{c}:{s:+.3f}" for c, s in zip(classes.names, similarities.tolist(), strict=True))
+    )
 
 
 def classify_and_retrieve(
@@ -169,7 +202,9 @@ def classify_and_retrieve(
     }
 
 
-def show_split_image(model: CLIP, gallery: Gallery, classes: Classes, index: int, precision: str, output_dir: Path) -> dict:
+def show_split_image(
+    model: CLIP, gallery: Gallery, classes: Classes, index: int, precision: str, output_dir: Path
+) -> dict:
     """--index: classify one of the split's own images and retrieve the others most like it."""
     split = gallery.split
     if not 0 <= index < len(split):
@@ -202,8 +237,12 @@ def show_user_pictures(
     if results:
         # What the model saw, beside what it made of it: the check when a prediction surprises.
         probabilities = torch.tensor([r["probabilities"] for r in results])
-        figure = figures.plot_predictions([r["name"] for r in results], torch.stack(images), probabilities, classes.names)
-        print(f"your pictures as the model saw them, with its probabilities: {figures.save(figure, output_dir / 'predictions.png')}")
+        figure = figures.plot_predictions(
+            [r["name"] for r in results], torch.stack(images), probabilities, classes.names
+        )
+        print(
+            f"your pictures as the model saw them, with its probabilities: {figures.save(figure, output_dir / 'predictions.png')}"
+        )
     return results
 
 
@@ -233,7 +272,9 @@ def show_caption(model: CLIP, gallery: Gallery, text: str, output_dir: Path) -> 
     top = nearest_to_caption(model, gallery, text)
     labels = gallery.split.labels[top.indices]
     shown = text if len(text) <= 40 else text[:39] + "…"
-    expected = int(text) if text in DIGIT_CAPTIONS else None  # red marks a wrong class only where the caption is a label
+    expected = (
+        int(text) if text in DIGIT_CAPTIONS else None
+    )  # red marks a wrong class only where the caption is a label
     figure = figures.plot_retrieval(
         [f'"{shown}"'],
         gallery.split.images[top.indices][None],
@@ -262,13 +303,19 @@ def load_gallery(model: CLIP, state: dict, args: argparse.Namespace, precision: 
     say otherwise, with the validation split held out exactly as in training; for a model that reads
     sentences, also what --evaluate measures of its text side."""
     dataset, data_dir = args.dataset or state["args"]["dataset"], args.data_dir or state["args"]["data_dir"]
-    splits = load_splits(dataset, data_dir, val_size=state["args"]["val_size"] if dataset == state["args"]["dataset"] else 1)
+    splits = load_splits(
+        dataset, data_dir, val_size=state["args"]["val_size"] if dataset == state["args"]["dataset"] else 1
+    )
     name, split = ("validation", splits.val) if args.split == "val" else ("test", splits.test)
-    gallery = Gallery(name, split, embed_images(model, split.images, precision), class_embeddings(model), CLASS_NAMES[dataset])
+    gallery = Gallery(
+        name, split, embed_images(model, split.images, precision), class_embeddings(model), CLASS_NAMES[dataset]
+    )
     if model.config.text_encoder == "digit":
         return gallery
 
-    gallery.template_sets = {name: model.encode_classes(captions.class_captions()) for name, captions in template_sets(dataset).items()}
+    gallery.template_sets = {
+        name: model.encode_classes(captions.class_captions()) for name, captions in template_sets(dataset).items()
+    }
     gallery.prompts = dict(zip(PROMPTS, embed_texts(model, list(PROMPTS)), strict=True))
     if state["args"].get("captions") == "attributes":
         queries, held_out = attribute_queries()
@@ -319,7 +366,9 @@ def show_photos_for_caption(model: CLIP, gallery: PhotoGallery, text: str, outpu
     top = (gallery.image_features @ query).topk(min(TOP_K, len(gallery.photos)))
     own = [k for k, caption in enumerate(gallery.photos.captions) if caption == text.strip()]
     relevant = gallery.relevant(gallery.caption_text[own[:1]], top.indices[None]) if own else None
-    figure = figures.plot_caption_retrieval([text], gallery.photos.images[top.indices.cpu()][None], top.values.cpu()[None], relevant)
+    figure = figures.plot_caption_retrieval(
+        [text], gallery.photos.images[top.indices.cpu()][None], top.values.cpu()[None], relevant
+    )
     figure_path = figures.save(figure, output_dir / f"text_retrieval_{caption_slug(text)}.png")
     files = [gallery.photos.files[i] for i in top.indices.tolist()]
     print(f'{gallery.name} photos nearest to the caption "{text}": {", ".join(files)}; figure {figure_path}')
@@ -345,7 +394,9 @@ def photo_main(model: CLIP, state: dict, args: argparse.Namespace, precision: st
                 print_similarities(path.name, classes, *class_probabilities(model, classes, features))
     else:
         if not 0 <= args.index < len(gallery.photos):
-            raise SystemExit(f"error: --index {args.index} is outside the {gallery.name} split: pick 0 to {len(gallery.photos) - 1}")
+            raise SystemExit(
+                f"error: --index {args.index} is outside the {gallery.name} split: pick 0 to {len(gallery.photos) - 1}"
+            )
         name = f"{gallery.name} photo {args.index} ({gallery.photos.files[args.index]})"
         queries.append(rank_captions(gallery, name, gallery.image_features[args.index], args.index))
         if classes is not None:
@@ -362,14 +413,16 @@ def main(argv: list[str] | None = None) -> dict:
     precision, why = resolve_precision(args.precision, args.device)
     output_dir = args.output_dir or checkpoint.parent
     if state["args"]["dataset"] == "captions":
-        print(f"loaded {checkpoint} (epoch {state['epoch']}, validation RSum {600 * state['best_accuracy']:.1f}); {why}")
+        print(
+            f"loaded {checkpoint} (epoch {state['epoch']}, validation RSum {600 * state['best_accuracy']:.1f}); {why}"
+        )
         return photo_main(model, state, args, precision, output_dir)
     print(f"loaded {checkpoint} (epoch {state['epoch']}, validation accuracy {state['best_accuracy']:.2%}); {why}")
 
     gallery = load_gallery(model, state, args, precision)
-    accuracy = zero_shot_classification(gallery.image_features, gallery.text_features, gallery.split.labels.to(args.device))[
-        "top1_accuracy"
-    ]
+    accuracy = zero_shot_classification(
+        gallery.image_features, gallery.text_features, gallery.split.labels.to(args.device)
+    )["top1_accuracy"]
     print(f"zero-shot accuracy on the {len(gallery.split):,} {gallery.name} images: {accuracy:.2%}")
     if args.evaluate:
         if state["args"]["dataset"] == "mnist":  # not for the offline digits: they are trained on these very images
@@ -379,7 +432,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.labels is not None:
         classes = user_classes(model, args.labels, args.template)
     if args.image:
-        queries = show_user_pictures(model, gallery, classes, args.image, state["args"]["dataset"], precision, output_dir)
+        queries = show_user_pictures(
+            model, gallery, classes, args.image, state["args"]["dataset"], precision, output_dir
+        )
     else:
         queries = [show_split_image(model, gallery, classes, args.index, precision, output_dir)]
     if args.text is not None:

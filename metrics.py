@@ -56,7 +56,9 @@ def zero_shot_classification(image_features: torch.Tensor, text_features: torch.
     n_classes = len(text_features)
     confusion = torch.bincount(labels * n_classes + predictions, minlength=n_classes**2).view(n_classes, n_classes)
     counts = confusion.sum(dim=1).tolist()
-    per_class = [correct / count if count else None for correct, count in zip(confusion.diag().tolist(), counts, strict=True)]
+    per_class = [
+        correct / count if count else None for correct, count in zip(confusion.diag().tolist(), counts, strict=True)
+    ]
     return {
         "top1_accuracy": (ranks <= 1).float().mean().item(),
         "top2_accuracy": (ranks <= 2).float().mean().item(),
@@ -72,7 +74,11 @@ def image_to_text(image_features: torch.Tensor, text_features: torch.Tensor, lab
 
 
 def image_retrieval(
-    features: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5, 10), hubness_k: int = HUBNESS_K, chunk_size: int = 1024
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    ks: tuple[int, ...] = (1, 5, 10),
+    hubness_k: int = HUBNESS_K,
+    chunk_size: int = 1024,
 ) -> dict:
     """Each image queries all the others (never itself), ranked by cosine; a neighbour is relevant
     when it shows the same digit.
@@ -86,7 +92,9 @@ def image_retrieval(
     """
     n = len(features)
     if min(ks) < 1 or max(*ks, hubness_k) >= n:
-        raise ValueError(f"precision@k needs 0 < k < {n} (the number of other images), got ks={ks} and hubness_k={hubness_k}")
+        raise ValueError(
+            f"precision@k needs 0 < k < {n} (the number of other images), got ks={ks} and hubness_k={hubness_k}"
+        )
     positions = torch.arange(1, n, device=features.device, dtype=torch.float32)  # ranks 1..N-1
     precision_sums = dict.fromkeys(ks, 0.0)
     ap_sum, ap_queries = 0.0, 0
@@ -125,7 +133,12 @@ def hubness(occurrences: torch.Tensor, k: int) -> dict:
     deviations = counts - counts.mean()
     spread = deviations.pow(2).mean().sqrt()
     skewness = (deviations.pow(3).mean() / spread.pow(3)).item() if spread > 0 else 0.0
-    return {"k": k, "coverage": (occurrences > 0).double().mean().item(), "skewness": skewness, "max_occurrence": int(occurrences.max())}
+    return {
+        "k": k,
+        "coverage": (occurrences > 0).double().mean().item(),
+        "skewness": skewness,
+        "max_occurrence": int(occurrences.max()),
+    }
 
 
 def text_to_image(
@@ -157,7 +170,9 @@ def text_to_image(
     def per_digit(values: torch.Tensor) -> list[float | None]:
         return [value if here else None for value, here in zip(values.tolist(), present, strict=True)]
 
-    by_digit = {f"precision@{k}": per_digit(found[k] / k) for k in ks} | {f"recall@{k}": per_digit(found[k] / n_relevant) for k in ks}
+    by_digit = {f"precision@{k}": per_digit(found[k] / k) for k in ks} | {
+        f"recall@{k}": per_digit(found[k] / n_relevant) for k in ks
+    }
     by_digit["first_correct_rank"] = per_digit(relevant.float().argmax(dim=1) + 1.0)
     result = {name: mean_of_present(values) for name, values in by_digit.items() if name != "first_correct_rank"}
     result["mean_first_correct_rank"] = mean_of_present(by_digit["first_correct_rank"])
@@ -165,12 +180,19 @@ def text_to_image(
     return result
 
 
-def caption_retrieval(image_features: torch.Tensor, caption_features: torch.Tensor, relevant: torch.Tensor, k: int = 10) -> dict:
+def caption_retrieval(
+    image_features: torch.Tensor, caption_features: torch.Tensor, relevant: torch.Tensor, k: int = 10
+) -> dict:
     """Each caption ranks the images by the cosine of `centred` embeddings; `relevant` (K, N) says
     which images each caption describes. Per caption: precision@k, and its chance level, the share
     of all images that the caption describes."""
-    top = (centred(caption_features) @ centred(image_features).T).topk(min(k, image_features.shape[0]), dim=1).indices  # (K, k)
-    return {f"precision@{k}": relevant.gather(1, top).float().mean(dim=1).tolist(), "chance": relevant.float().mean(dim=1).tolist()}
+    top = (
+        (centred(caption_features) @ centred(image_features).T).topk(min(k, image_features.shape[0]), dim=1).indices
+    )  # (K, k)
+    return {
+        f"precision@{k}": relevant.gather(1, top).float().mean(dim=1).tolist(),
+        "chance": relevant.float().mean(dim=1).tolist(),
+    }
 
 
 def similarity_gap(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -182,7 +204,9 @@ def similarity_gap(image_features: torch.Tensor, text_features: torch.Tensor, la
     return {"matching": matching_mean, "non_matching": non_matching_mean, "gap": matching_mean - non_matching_mean}
 
 
-def modality_gap(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor, k: int = HUBNESS_K) -> dict:
+def modality_gap(
+    image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor, k: int = HUBNESS_K
+) -> dict:
     """Where the captions sit beside their digits' images (Liang et al., 2022, "Mind the Gap"),
     and how typical of its digit each image is that a caption retrieves.
 
@@ -237,7 +261,9 @@ def evaluate_embeddings(image_features: torch.Tensor, text_features: torch.Tenso
     }
 
 
-def caption_relevance(caption_image: torch.Tensor, caption_text: torch.Tensor, images: range, captions: range) -> torch.Tensor:
+def caption_relevance(
+    caption_image: torch.Tensor, caption_text: torch.Tensor, images: range, captions: range
+) -> torch.Tensor:
     """(len(images), len(captions)) bool: whether each caption of the `captions` range is relevant to each image
     of the `images` range, that is whether its text is one of that image's captions' texts.
 
@@ -302,7 +328,9 @@ def image_caption_retrieval(
         raise ValueError(f"caption_image must name images 0 to {n - 1}")
     captionless = int((torch.bincount(caption_image, minlength=n) == 0).sum())
     if captionless:
-        raise ValueError(f"{captionless} of the {n} images have no caption: image-to-text retrieval needs at least one for each")
+        raise ValueError(
+            f"{captionless} of the {n} images have no caption: image-to-text retrieval needs at least one for each"
+        )
     texts, text_column = caption_text.unique(return_inverse=True)
     image_ranks, caption_ranks = [], []
     matching_sum, total_sum, n_matching = 0.0, 0.0, 0
@@ -312,7 +340,9 @@ def image_caption_retrieval(
         relevant = caption_relevance(caption_image, caption_text, images, range(k))
         # Each distinct text's best copy, and whether it is relevant: (B, T).
         columns = text_column.expand(len(images), -1)
-        text_scores = similarities.new_full((len(images), len(texts)), -float("inf")).scatter_reduce(1, columns, similarities, "amax")
+        text_scores = similarities.new_full((len(images), len(texts)), -float("inf")).scatter_reduce(
+            1, columns, similarities, "amax"
+        )
         text_relevant = torch.zeros_like(text_scores, dtype=torch.bool).scatter_reduce(1, columns, relevant, "amax")
         image_ranks.append(rank_of_relevant(text_scores, text_relevant))
         matching_sum += torch.where(relevant, similarities, 0).sum(dtype=torch.float64).item()
@@ -321,7 +351,9 @@ def image_caption_retrieval(
     for start in range(0, k, chunk_size):
         captions = range(start, min(start + chunk_size, k))
         similarities = caption_features[captions.start : captions.stop] @ image_features.T  # (B, N)
-        caption_ranks.append(rank_of_relevant(similarities, caption_relevance(caption_image, caption_text, range(n), captions).T))
+        caption_ranks.append(
+            rank_of_relevant(similarities, caption_relevance(caption_image, caption_text, range(n), captions).T)
+        )
     image_to_text, text_to_image = rank_summary(torch.cat(image_ranks)), rank_summary(torch.cat(caption_ranks))
     matching = matching_sum / n_matching
     non_matching = (total_sum - matching_sum) / (n * k - n_matching) if n * k > n_matching else float("nan")
@@ -343,6 +375,4 @@ def rsum_line(result: dict) -> str:
         recalls = "/".join(f"{100 * ranks[f'recall@{at}']:.1f}" for at in RECALL_AT)
         return f"{name} R@{ats} {recalls}% (median rank {ranks['median_rank']:g})"
 
-    return (
-        f"RSum {result['rsum']:.1f}; {direction('image→text', result['image_to_text'])}; {direction('text→image', result['text_to_image'])}"
-    )
+    return f"RSum {result['rsum']:.1f}; {direction('image→text', result['image_to_text'])}; {direction('text→image', result['text_to_image'])}"

@@ -44,7 +44,9 @@ class CharTokenizer:
 
     @classmethod
     def from_captions(cls, captions: list[str], max_length: int) -> CharTokenizer:
-        return cls("".join(sorted({character for caption in captions for character in normalize_text(caption)})), max_length)
+        return cls(
+            "".join(sorted({character for caption in captions for character in normalize_text(caption)})), max_length
+        )
 
     @property
     def vocabulary_size(self) -> int:
@@ -56,7 +58,9 @@ class CharTokenizer:
         if not text:
             raise TextError(f"the caption {caption[:20]!r} is empty: write a few words")
         if not any(character in self.ids for character in text[: self.max_length]):
-            raise TextError(f"no character of {text[:20]!r} occurs in the training captions: write it in words this model has read")
+            raise TextError(
+                f"no character of {text[:20]!r} occurs in the training captions: write it in words this model has read"
+            )
         return text
 
     def __call__(self, captions: list[str] | tuple[str, ...]) -> torch.Tensor:
@@ -68,7 +72,10 @@ class CharTokenizer:
 
     def decode(self, tokens: torch.Tensor) -> list[str]:
         """(N, L) ids -> the captions as read, with "?" for an unknown character."""
-        return ["".join(self.characters[i - UNKNOWN - 1] if i > UNKNOWN else "?" for i in row if i != PAD) for row in tokens.tolist()]
+        return [
+            "".join(self.characters[i - UNKNOWN - 1] if i > UNKNOWN else "?" for i in row if i != PAD)
+            for row in tokens.tolist()
+        ]
 
 
 class DigitTextEncoder(nn.Module):
@@ -105,7 +112,9 @@ class TransformerTextEncoder(nn.Module):
         super().__init__()
         self.token_embedding = nn.Embedding(vocabulary_size, width, padding_idx=PAD)
         self.position_embedding = nn.Parameter(torch.randn(max_length, width) * 0.02)
-        block = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+        block = nn.TransformerEncoderLayer(
+            width, heads, 4 * width, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
         self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(width)
         self.projection = nn.Linear(width, embed_dim)

@@ -43,9 +43,27 @@ from tqdm import tqdm
 import distributed
 from caption_data import CaptionedPhotos, PhotoPairs, describe, load_caption_collection
 from captions import CAPTION_KINDS, CaptionedImages, image_properties, stroke_edges, training_captions
-from checkpoint import RUNS_DIR, CheckpointError, RandomState, RunState, latest_run, load_checkpoint, load_model, save_checkpoint
+from checkpoint import (
+    RUNS_DIR,
+    CheckpointError,
+    RandomState,
+    RunState,
+    latest_run,
+    load_checkpoint,
+    load_model,
+    save_checkpoint,
+)
 from clip import CLIP, CLIPConfig, clip_loss
-from dataset import DATASETS, Augmentation, DataError, PhotoAugmentation, Split, load_splits, normalize, shuffled_batches
+from dataset import (
+    DATASETS,
+    Augmentation,
+    DataError,
+    PhotoAugmentation,
+    Split,
+    load_splits,
+    normalize,
+    shuffled_batches,
+)
 from distributed import Process, local_clip_loss
 from image_encoder import IMAGE_ENCODERS, WeightsError, load_torchvision_weights
 from metrics import rsum_line
@@ -71,7 +89,15 @@ from utils import (
 PER_PROCESS_ARGS = ("resume", "run_name", "runs_dir", "device")
 # These may differ from the checkpoint's too; any other setting decides what is trained, and resuming
 # refuses to change it. A run trained in bf16 on one machine continues in fp32 on one without native bf16.
-CHANGEABLE_ARGS = (*PER_PROCESS_ARGS, "precision", "data_dir", "cache_dir", "log_interval", "pretrained_weights", "compile")
+CHANGEABLE_ARGS = (
+    *PER_PROCESS_ARGS,
+    "precision",
+    "data_dir",
+    "cache_dir",
+    "log_interval",
+    "pretrained_weights",
+    "compile",
+)
 # Image-caption collections read from files (caption_data.py), beside the data sets of labelled images.
 TRAINING_DATASETS = (*DATASETS, "captions")
 
@@ -85,18 +111,47 @@ TRAINING_DATASETS = (*DATASETS, "captions")
 # A collection of photos is cropped at random and mirrored instead (PhotoAugmentation), at a size a CPU
 # trains on, and its captions are sentences, which the transformer reads, up to 128 characters.
 MNIST_DEFAULTS = dict(
-    epochs=14, val_size=5000, batch_size=512, max_shift=2.0, max_rotation=10.0, max_scale=0.1, flip=False, erase=0.0, crop_area=1.0
+    epochs=14,
+    val_size=5000,
+    batch_size=512,
+    max_shift=2.0,
+    max_rotation=10.0,
+    max_scale=0.1,
+    flip=False,
+    erase=0.0,
+    crop_area=1.0,
 )
 MNIST_DEFAULTS |= dict(
-    image_size=28, mirror_average=False, text_encoder="digit", captions="label", text_max_length=CLIPConfig.text_max_length
+    image_size=28,
+    mirror_average=False,
+    text_encoder="digit",
+    captions="label",
+    text_max_length=CLIPConfig.text_max_length,
 )
 DATASET_DEFAULTS = {
     "mnist": MNIST_DEFAULTS,
     "fashion": MNIST_DEFAULTS
-    | {"epochs": 18, "max_shift": 0.0, "max_rotation": 0.0, "max_scale": 0.0, "flip": True, "erase": 0.5, "mirror_average": True},
+    | {
+        "epochs": 18,
+        "max_shift": 0.0,
+        "max_rotation": 0.0,
+        "max_scale": 0.0,
+        "flip": True,
+        "erase": 0.5,
+        "mirror_average": True,
+    },
     "digits": MNIST_DEFAULTS | {"val_size": 300, "batch_size": 128},
     "captions": MNIST_DEFAULTS
-    | dict(epochs=30, batch_size=128, max_shift=0.0, max_rotation=0.0, max_scale=0.0, flip=True, crop_area=0.5, image_size=64)
+    | dict(
+        epochs=30,
+        batch_size=128,
+        max_shift=0.0,
+        max_rotation=0.0,
+        max_scale=0.0,
+        flip=True,
+        crop_area=0.5,
+        image_size=64,
+    )
     | dict(val_size=None, text_encoder="transformer", captions=None, text_max_length=128),
 }
 # An attribute caption states the slant, thickness and width measured on the image as it is:
@@ -107,7 +162,9 @@ CAPTION_DEFAULTS = {"attributes": {"max_rotation": 0.0, "max_scale": 0.0}}
 
 def per_dataset(setting: str) -> str:
     """How --help states a default that depends on the data set."""
-    return "default: " + ", ".join(f"{defaults[setting]} for {dataset}" for dataset, defaults in DATASET_DEFAULTS.items())
+    return "default: " + ", ".join(
+        f"{defaults[setting]} for {dataset}" for dataset, defaults in DATASET_DEFAULTS.items()
+    )
 
 
 class TrainingError(RuntimeError):
@@ -117,13 +174,27 @@ class TrainingError(RuntimeError):
 def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) -> argparse.Namespace:
     """The command line's settings; `run_defaults` (a resumed run's) replace the built-in defaults."""
     defaults = CLIPConfig()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--epochs", type=positive_int, default=None, help=f"passes over the training split ({per_dataset('epochs')})")
-    p.add_argument("--batch-size", type=positive_int, default=None, help=f"image-text pairs per step ({per_dataset('batch_size')})")
-    p.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--weight-decay", type=non_negative_float, default=5e-4, help="AdamW weight decay on weight matrices and kernels")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument(
-        "--ema-decay", type=decay, default=0.99, help="decay of the weights' moving average that is evaluated and saved (0: none)"
+        "--epochs", type=positive_int, default=None, help=f"passes over the training split ({per_dataset('epochs')})"
+    )
+    p.add_argument(
+        "--batch-size", type=positive_int, default=None, help=f"image-text pairs per step ({per_dataset('batch_size')})"
+    )
+    p.add_argument("--lr", type=positive_float, default=3e-3, help="peak learning rate of the one-cycle schedule")
+    p.add_argument(
+        "--weight-decay",
+        type=non_negative_float,
+        default=5e-4,
+        help="AdamW weight decay on weight matrices and kernels",
+    )
+    p.add_argument(
+        "--ema-decay",
+        type=decay,
+        default=0.99,
+        help="decay of the weights' moving average that is evaluated and saved (0: none)",
     )
     p.add_argument(
         "--max-shift",
@@ -144,7 +215,10 @@ def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) 
         help=f"random scaling of training images, as a fraction ({per_dataset('max_scale')}; 0 with --captions attributes)",
     )
     p.add_argument(
-        "--flip", action=argparse.BooleanOptionalAction, default=None, help=f"mirror half the training images ({per_dataset('flip')})"
+        "--flip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"mirror half the training images ({per_dataset('flip')})",
     )
     p.add_argument(
         "--mirror-average",
@@ -153,7 +227,10 @@ def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) 
         help=f"embed each image, outside training, as the mean of it and its mirror image ({per_dataset('mirror_average')})",
     )
     p.add_argument(
-        "--erase", type=probability, default=None, help=f"share of training images with a random rectangle blanked ({per_dataset('erase')})"
+        "--erase",
+        type=probability,
+        default=None,
+        help=f"share of training images with a random rectangle blanked ({per_dataset('erase')})",
     )
     # Off by default: it lowers MNIST's test accuracy a little (see the README's "People's own handwriting").
     p.add_argument(
@@ -170,7 +247,9 @@ def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) 
         default="auto",
         help="auto: bf16 mixed precision where the hardware runs it natively (CUDA GPUs with bf16, CPUs with AVX512_BF16 or AMX), fp32 elsewhere",
     )
-    p.add_argument("--no-amp", dest="precision", action="store_const", const="fp32", help="the same as --precision fp32")
+    p.add_argument(
+        "--no-amp", dest="precision", action="store_const", const="fp32", help="the same as --precision fp32"
+    )
     p.add_argument(
         "--dataset",
         choices=TRAINING_DATASETS,
@@ -183,7 +262,10 @@ def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) 
         help="folder that holds (or receives) the data set; for --dataset captions, a JSON index, images/ beside captions/, or Flickr8k",
     )
     p.add_argument(
-        "--cache-dir", type=Path, default=Path("data/cache"), help="where --dataset captions keeps its photos, decoded and resized"
+        "--cache-dir",
+        type=Path,
+        default=Path("data/cache"),
+        help="where --dataset captions keeps its photos, decoded and resized",
     )
     p.add_argument(
         "--val-size",
@@ -198,7 +280,10 @@ def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) 
         help="resnet: the small ResNet of image_encoder.py; resnet18: torchvision's, for photos",
     )
     p.add_argument(
-        "--image-size", type=positive_int, default=None, help="pixels on a side of the photos trained on (default: 64; 28 for MNIST's)"
+        "--image-size",
+        type=positive_int,
+        default=None,
+        help="pixels on a side of the photos trained on (default: 64; 28 for MNIST's)",
     )
     p.add_argument(
         "--pretrained-weights",
@@ -207,15 +292,26 @@ def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) 
         help="a torchvision resnet18 state dict (.pth) to start from; nothing is downloaded",
     )
     p.add_argument(
-        "--crop-area", type=probability, default=None, help=f"smallest share of a photo a random crop keeps ({per_dataset('crop_area')})"
+        "--crop-area",
+        type=probability,
+        default=None,
+        help=f"smallest share of a photo a random crop keeps ({per_dataset('crop_area')})",
     )
     p.add_argument(
-        "--image-widths", type=int_tuple, default=defaults.image_widths, help="resnet: channels of the stem and of each downsampling stage"
+        "--image-widths",
+        type=int_tuple,
+        default=defaults.image_widths,
+        help="resnet: channels of the stem and of each downsampling stage",
     )
     p.add_argument(
-        "--blocks-per-stage", type=positive_int, default=defaults.image_blocks_per_stage, help="resnet: residual blocks per stage"
+        "--blocks-per-stage",
+        type=positive_int,
+        default=defaults.image_blocks_per_stage,
+        help="resnet: residual blocks per stage",
     )
-    p.add_argument("--embed-dim", type=positive_int, default=defaults.embed_dim, help="size of the shared embedding space")
+    p.add_argument(
+        "--embed-dim", type=positive_int, default=defaults.embed_dim, help="size of the shared embedding space"
+    )
     p.add_argument(
         "--captions",
         choices=CAPTION_KINDS,
@@ -229,7 +325,10 @@ def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) 
         help="digit: a table of the captions 0-9 (default); transformer or lstm: read any sentence, character by character (transformer for captions)",
     )
     p.add_argument(
-        "--text-max-length", type=positive_int, default=None, help=f"characters read of a caption ({per_dataset('text_max_length')})"
+        "--text-max-length",
+        type=positive_int,
+        default=None,
+        help=f"characters read of a caption ({per_dataset('text_max_length')})",
     )
     p.add_argument("--runs-dir", type=Path, default=RUNS_DIR, help="where runs are written")
     p.add_argument("--run-name", default=None, help="name of the run folder (default: dataset and time)")
@@ -237,7 +336,9 @@ def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) 
     p.add_argument("--log-interval", type=positive_int, default=20, help="steps between loss logs")
     p.add_argument("--dry-run", action="store_true", help="check the pipeline: one epoch of two steps")
     p.add_argument(
-        "--compile", action="store_true", help="compile the training model with torch.compile: optional, for GPUs; the first steps compile"
+        "--compile",
+        action="store_true",
+        help="compile the training model with torch.compile: optional, for GPUs; the first steps compile",
     )
     p.set_defaults(**(run_defaults or {}))
     args = p.parse_args(argv)
@@ -246,13 +347,21 @@ def parse_args(argv: list[str] | None = None, run_defaults: dict | None = None) 
             setattr(args, name, value)
     if args.dataset == "captions":
         if args.captions is not None:
-            p.error("--captions makes captions for mnist, fashion and digits: a --dataset captions collection brings its own; leave it out")
+            p.error(
+                "--captions makes captions for mnist, fashion and digits: a --dataset captions collection brings its own; leave it out"
+            )
         if args.text_encoder == "digit":
-            p.error("--text-encoder digit reads only the captions 0-9: a collection's captions need --text-encoder transformer or lstm")
+            p.error(
+                "--text-encoder digit reads only the captions 0-9: a collection's captions need --text-encoder transformer or lstm"
+            )
     elif args.text_encoder == "digit" and args.captions != "label":
-        p.error(f"--text-encoder digit reads only the captions 0-9: with --captions {args.captions} use --text-encoder transformer or lstm")
+        p.error(
+            f"--text-encoder digit reads only the captions 0-9: with --captions {args.captions} use --text-encoder transformer or lstm"
+        )
     elif args.image_size != 28:
-        p.error(f"--image-size: the images of {args.dataset} are 28 pixels on a side; other sizes are for --dataset captions")
+        p.error(
+            f"--image-size: the images of {args.dataset} are 28 pixels on a side; other sizes are for --dataset captions"
+        )
     if args.dataset == "captions" and args.val_size is not None:
         p.error(
             "--val-size: a captions collection holds out 10% of its photos for validation and 10% for test (or uses Flickr8k's own splits)"
@@ -323,7 +432,9 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
 
 
 def non_finite_error(what: str, last_checkpoint: Path) -> TrainingError:
-    saved = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint.is_file() else "no checkpoint was written"
+    saved = (
+        f"the last good checkpoint is {last_checkpoint}" if last_checkpoint.is_file() else "no checkpoint was written"
+    )
     return TrainingError(f"{what}; {saved}. Start again with a lower --lr")
 
 
@@ -405,7 +516,9 @@ def load_data(args: argparse.Namespace) -> TrainingData:
     edges = stroke_edges(train) if args.captions == "attributes" else None
     captioned = CaptionedImages(train.images, image_properties(train, edges), captions.to(args.device))
     augment = Augmentation(args.max_shift, args.max_rotation, args.max_scale, args.flip, args.erase, args.stroke)
-    return TrainingData(captioned, splits.val.to(args.device), splits.test.to(args.device), captions.class_captions(), augment)
+    return TrainingData(
+        captioned, splits.val.to(args.device), splits.test.to(args.device), captions.class_captions(), augment
+    )
 
 
 class NoWriter:
@@ -438,7 +551,9 @@ class Loop:
         return distributed.agreed_signal(self.stop.received, self.process)
 
 
-def new_run(args: argparse.Namespace, config: CLIPConfig, total_steps: int, process: Process) -> tuple[RunState, MovingAverage]:
+def new_run(
+    args: argparse.Namespace, config: CLIPConfig, total_steps: int, process: Process
+) -> tuple[RunState, MovingAverage]:
     """A run at step 0: the model, its moving average, AdamW and the one-cycle schedule."""
     device = args.device
     model = CLIP(config).to(device).to(memory_format=torch.channels_last)
@@ -447,21 +562,27 @@ def new_run(args: argparse.Namespace, config: CLIPConfig, total_steps: int, proc
     state = RunState(
         model=average.model,
         config=config.to_dict(),
-        args={name: str(value) if isinstance(value, (Path, torch.device)) else value for name, value in vars(args).items()},
+        args={
+            name: str(value) if isinstance(value, (Path, torch.device)) else value for name, value in vars(args).items()
+        },
         step=0,
         epoch=0,
         best_accuracy=-1.0,
         history=[],
         training_model=model,
         optimizer=optimizer,
-        scheduler=torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=total_steps, pct_start=0.25),
+        scheduler=torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=args.lr, total_steps=total_steps, pct_start=0.25
+        ),
         rng=RandomState(device, args.seed, process),
         epoch_loss_sum=torch.zeros((), device=device),
     )
     return state, average
 
 
-def train_one_epoch(loop: Loop, state: RunState, average: MovingAverage, data: TrainingData, tokens: torch.Tensor) -> None:
+def train_one_epoch(
+    loop: Loop, state: RunState, average: MovingAverage, data: TrainingData, tokens: torch.Tensor
+) -> None:
     """Train on epoch `state.epoch` until it ends, or until a signal asks to stop; `tokens` are those of
     every caption of `data.train`. A resumed run skips the steps of this epoch it has trained on already."""
     args, model, pairs = loop.args, state.training_model, data.train
@@ -482,8 +603,12 @@ def train_one_epoch(loop: Loop, state: RunState, average: MovingAverage, data: T
         # A collection too large for memory stays memory-mapped on the CPU: its batch is gathered there.
         images = data.augment(pairs.images[mine.to(pairs.images.device)].to(args.device), state.rng.augment)
         # Every process draws the captions of the whole batch, the same ones: each needs the (B, B) positives.
-        captions, positives = pairs.draw(batch, state.rng.captions)  # one caption per image; (B, B) which describe which
-        texts, column = texts_to_encode(tokens, distributed.shard(captions, loop.process), avoid_waiting=args.device.type != "cpu")
+        captions, positives = pairs.draw(
+            batch, state.rng.captions
+        )  # one caption per image; (B, B) which describe which
+        texts, column = texts_to_encode(
+            tokens, distributed.shard(captions, loop.process), avoid_waiting=args.device.type != "cpu"
+        )
         with autocast(args.device, loop.precision):
             features = loop.model(normalize(images).contiguous(memory_format=torch.channels_last), texts, features=True)
         loss, logits = batch_loss(*features, column, positives, loop.process)
@@ -510,7 +635,9 @@ def train_one_epoch(loop: Loop, state: RunState, average: MovingAverage, data: T
             return
 
 
-def texts_to_encode(tokens: torch.Tensor, captions: torch.Tensor, avoid_waiting: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def texts_to_encode(
+    tokens: torch.Tensor, captions: torch.Tensor, avoid_waiting: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokens of the captions to encode for a batch that drew `captions` (indices into `tokens`),
     and which of them each image drew. A caption that several images drew is encoded once. Finding
     those (`unique`) makes a GPU's step wait, so with `avoid_waiting`, where the data set has no more
@@ -574,7 +701,9 @@ def validate(loop: Loop, state: RunState, split: Split | CaptionedPhotos, second
     save(loop, state, "last.pt")
     if improved:
         save(loop, state, "best.pt")
-    print(f"epoch {state.epoch}/{loop.epochs}: loss {record['train_loss']:.4f}, {scored}{' (best)' if improved else ''}, {seconds:.0f}s")
+    print(
+        f"epoch {state.epoch}/{loop.epochs}: loss {record['train_loss']:.4f}, {scored}{' (best)' if improved else ''}, {seconds:.0f}s"
+    )
 
 
 def save(loop: Loop, state: RunState, name: str) -> None:
@@ -645,7 +774,9 @@ def run(argv: list[str] | None, stop: GracefulStop, process: Process) -> dict:
     if args.resume is not None:
         args, checkpoint, run_dir = resumed_settings(argv, args)
     else:  # named by the main process: the time in the name may differ between processes
-        run_dir = distributed.from_main(new_run_dir(args.runs_dir, args.run_name, args.dataset) if process.is_main else None, process)
+        run_dir = distributed.from_main(
+            new_run_dir(args.runs_dir, args.run_name, args.dataset) if process.is_main else None, process
+        )
     args.device = distributed.own_device(process, args.device)
     if args.batch_size % process.world_size:
         raise SystemExit(
@@ -659,9 +790,15 @@ def run(argv: list[str] | None, stop: GracefulStop, process: Process) -> dict:
     steps_per_epoch = 2 if args.dry_run else len(data.train) // args.batch_size
     epochs = 1 if args.dry_run else args.epochs
     if steps_per_epoch == 0:
-        raise SystemExit(f"error: --batch-size {args.batch_size} exceeds the {len(data.train)} training images: lower it")
+        raise SystemExit(
+            f"error: --batch-size {args.batch_size} exceeds the {len(data.train)} training images: lower it"
+        )
     # A resumed run is rebuilt from its checkpoint's config, which holds what the model was.
-    config = CLIPConfig.from_dict(checkpoint["config"]) if checkpoint else model_config(args, data.train.texts, data.class_captions)
+    config = (
+        CLIPConfig.from_dict(checkpoint["config"])
+        if checkpoint
+        else model_config(args, data.train.texts, data.class_captions)
+    )
     state, average = new_run(args, config, epochs * steps_per_epoch, process)
     if checkpoint:
         state.load_state_dict(checkpoint)
@@ -674,7 +811,9 @@ def run(argv: list[str] | None, stop: GracefulStop, process: Process) -> dict:
     writer = SummaryWriter(str(run_dir)) if process.is_main else NoWriter()
     loop = Loop(args, precision, run_dir, epochs, steps_per_epoch, writer, LossWatch(args.device), stop, model, process)
 
-    print(f"{why}; training on {args.device}, {sum(p.numel() for p in state.model.parameters()):,} parameters, run folder {run_dir}")
+    print(
+        f"{why}; training on {args.device}, {sum(p.numel() for p in state.model.parameters()):,} parameters, run folder {run_dir}"
+    )
     if process.is_distributed:
         print(
             f"{process.world_size} processes, each training on {args.batch_size // process.world_size} images of every batch of {args.batch_size}"

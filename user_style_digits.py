@@ -65,7 +65,9 @@ def plot_misread(split: Split, result: dict) -> Figure:
     """The digits of `split` that `result` (from score) says were read wrong, each titled "true -> read as"."""
     misread = torch.tensor(result["misread"], dtype=torch.long)
     title = f"scikit-learn's digits read wrong, {len(misread)} of {len(split):,}: true -> predicted"
-    return plot_misclassified(split.images[misread], split.labels[misread], torch.tensor(result["read_as"]), title=title)
+    return plot_misclassified(
+        split.images[misread], split.labels[misread], torch.tensor(result["read_as"]), title=title
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -56,7 +56,9 @@ def int_tuple(text: str) -> tuple[int, ...]:
     try:
         values = tuple(positive_int(part) for part in text.split(","))
     except (ValueError, argparse.ArgumentTypeError):
-        raise argparse.ArgumentTypeError(f"must be comma-separated positive integers such as 16,32,64, got {text}") from None
+        raise argparse.ArgumentTypeError(
+            f"must be comma-separated positive integers such as 16,32,64, got {text}"
+        ) from None
     return values
 
 
@@ -85,12 +87,24 @@ ONEDNN_BELOW_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512
 
 def cpu_native_bf16() -> tuple[bool, str]:
     """Whether this CPU runs bf16 natively, with AVX512_BF16 or AMX, and why, in words."""
-    hardware = "AMX" if torch.cpu._is_amx_tile_supported() else "AVX512_BF16" if torch.cpu._is_avx512_bf16_supported() else None
+    hardware = (
+        "AMX"
+        if torch.cpu._is_amx_tile_supported()
+        else "AVX512_BF16"
+        if torch.cpu._is_avx512_bf16_supported()
+        else None
+    )
     if hardware is None:
         return False, "this CPU has no native bf16 (AVX512_BF16 or AMX)"
-    capability, onednn_isa = torch.backends.cpu.get_cpu_capability(), os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    capability, onednn_isa = (
+        torch.backends.cpu.get_cpu_capability(),
+        os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper(),
+    )
     if capability in ATEN_BELOW_AVX512 or onednn_isa in ONEDNN_BELOW_BF16:
-        return False, f"this CPU has {hardware}, but torch is held below it (ATen at {capability}, oneDNN at {onednn_isa})"
+        return (
+            False,
+            f"this CPU has {hardware}, but torch is held below it (ATen at {capability}, oneDNN at {onednn_isa})",
+        )
     return True, f"this CPU runs bf16 natively ({hardware})"
 
 
@@ -204,7 +218,9 @@ def class_embeddings(model) -> torch.Tensor:
 def zero_shot_accuracy(model, images: torch.Tensor, labels: torch.Tensor, precision: str = "fp32") -> float:
     """Share of images whose most similar digit caption is their own label, as metrics.py counts it."""
     image_features = embed_images(model, images, precision)
-    return zero_shot_classification(image_features, class_embeddings(model), labels.to(image_features.device))["top1_accuracy"]
+    return zero_shot_classification(image_features, class_embeddings(model), labels.to(image_features.device))[
+        "top1_accuracy"
+    ]
 
 
 @torch.inference_mode()
@@ -212,7 +228,10 @@ def embed_texts(model, texts: list[str], batch_size: int = 1000) -> torch.Tensor
     """Captions -> (N, embed_dim) unit-norm fp32 embeddings, in batches."""
     device = model.logit_scale.device
     return torch.cat(
-        [model.encode_text(model.tokenize(texts[start : start + batch_size]).to(device)) for start in range(0, len(texts), batch_size)]
+        [
+            model.encode_text(model.tokenize(texts[start : start + batch_size]).to(device))
+            for start in range(0, len(texts), batch_size)
+        ]
     )
 
 
@@ -234,4 +253,6 @@ def retrieval_scores(model, photos, precision: str = "fp32", process: Process = 
     caption_features, caption_text = embed_captions(model, photos.captions, process)
     mine = part(len(photos), process)
     image_features = gathered_parts(embed_images(model, photos.images[mine], precision), len(photos), process)
-    return image_caption_retrieval(image_features, caption_features, photos.caption_image.to(caption_text.device), caption_text)
+    return image_caption_retrieval(
+        image_features, caption_features, photos.caption_image.to(caption_text.device), caption_text
+    )

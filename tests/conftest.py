@@ -29,7 +29,18 @@ def mnist_checkpoint(tmp_path_factory) -> Path:
     import train
 
     runs = tmp_path_factory.mktemp("mnist_runs")
-    argv = ["--data-dir", data_dir, "--image-widths", "8,16,32", "--embed-dim", "32", "--epochs", "2", "--runs-dir", str(runs)]
+    argv = [
+        "--data-dir",
+        data_dir,
+        "--image-widths",
+        "8,16,32",
+        "--embed-dim",
+        "32",
+        "--epochs",
+        "2",
+        "--runs-dir",
+        str(runs),
+    ]
     return train.main(argv)["run_dir"] / "best.pt"
 
 

@@ -19,7 +19,9 @@ def test_training_speed_counts_every_epoch_trained_not_only_those_up_to_the_best
     monkeypatch.setattr(train, "zero_shot_accuracy", lambda *args: next(validation_then_test))
     monkeypatch.setitem(benchmark.SETTINGS, "default", TINY_DIGITS)
     splits = load_splits("digits", "unused", val_size=300)
-    run = benchmark.run_project("default", 0, argparse.Namespace(dataset="digits", data_dir="unused"), tmp_path, splits.test, "fp32", None)
+    run = benchmark.run_project(
+        "default", 0, argparse.Namespace(dataset="digits", data_dir="unused"), tmp_path, splits.test, "fp32", None
+    )
     assert len(run["curve"]) == 1
     trained_images = 3 * (len(splits.train) // 128) * 128  # three epochs of full batches
     assert run["train_images_per_second"] * run["train_seconds"] == pytest.approx(trained_images)
@@ -27,7 +29,9 @@ def test_training_speed_counts_every_epoch_trained_not_only_those_up_to_the_best
 
 def test_a_mirror_averaging_model_is_also_scored_seeing_each_image_once(monkeypatch):
     # A garment model's accuracy with mirror averaging is reported beside the way it was scored before.
-    monkeypatch.setattr(benchmark, "zero_shot_accuracy", lambda model, *args: 0.9 if model.config.image_mirror_average else 0.8)
+    monkeypatch.setattr(
+        benchmark, "zero_shot_accuracy", lambda model, *args: 0.9 if model.config.image_mirror_average else 0.8
+    )
     test = load_splits("digits", "unused", val_size=300).test
     model = CLIP(CLIPConfig(image_widths=(8, 16), embed_dim=16, image_mirror_average=True))
     scores = benchmark.evaluate(model, test, "fp32")

@@ -135,7 +135,11 @@ def test_json_with_caption_and_captions_resolves_paths_from_the_json_folder(tmp_
     data = tmp_path / "data"
     write_pictures(data / "pictures")
     entries = [{"image_path": "pictures/wide.png", "caption": CAPTIONS["wide.png"][0]}]
-    entries += [{"image_path": f"pictures/{name}", "captions": captions} for name, captions in CAPTIONS.items() if name != "wide.png"]
+    entries += [
+        {"image_path": f"pictures/{name}", "captions": captions}
+        for name, captions in CAPTIONS.items()
+        if name != "wide.png"
+    ]
     # The same image again, spelled otherwise, with a caption in spaces.
     entries += [{"image_path": "./pictures/../pictures/wide.png", "caption": f"  {CAPTIONS['wide.png'][1]}\t"}]
     write_json(data / "captions.json", entries)
@@ -159,7 +163,9 @@ def test_folders_layout_pairs_each_image_with_its_caption_file(tmp_path):
 def test_flickr8k_csv_without_split_files_is_split_by_seed(tmp_path):
     write_flickr8k_csv(tmp_path / "data")
     csv_file = tmp_path / "data" / "captions.txt"
-    csv_file.write_text(csv_file.read_text(), encoding="utf-8-sig")  # with a byte-order mark, as Windows Notepad saves it
+    csv_file.write_text(
+        csv_file.read_text(), encoding="utf-8-sig"
+    )  # with a byte-order mark, as Windows Notepad saves it
     collection = load(tmp_path / "data", tmp_path)
     assert collection.layout == "flickr8k" and collection.source.startswith("captions.txt and Images/")
     assert caption_pairs(collection) == expected_pairs("Images/")
@@ -239,7 +245,10 @@ def test_the_shorter_side_is_scaled_and_the_middle_kept(tmp_path, size):
     data = tmp_path / "data"
     write_pictures(data, ["square.png", "grey.png"])
     bands.save(data / "bands.png")
-    write_json(data / "captions.json", [{"image_path": name, "caption": name} for name in ("bands.png", "square.png", "grey.png")])
+    write_json(
+        data / "captions.json",
+        [{"image_path": name, "caption": name} for name in ("bands.png", "square.png", "grey.png")],
+    )
 
     collection = load(data, tmp_path)
 
@@ -259,7 +268,9 @@ def test_a_photo_is_turned_upright_by_its_exif_orientation(tmp_path):
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation
     photo.save(data / "phone.jpg", exif=exif)
-    write_json(data / "c.json", [{"image_path": name, "caption": name} for name in ("phone.jpg", "square.png", "grey.png")])
+    write_json(
+        data / "c.json", [{"image_path": name, "caption": name} for name in ("phone.jpg", "square.png", "grey.png")]
+    )
 
     collection = load(data, tmp_path)
 
@@ -503,10 +514,15 @@ def test_a_data_dir_that_does_not_exist_is_refused(tmp_path):
 
 
 def test_a_collection_with_nothing_usable_is_refused_naming_the_first_problems(tmp_path):
-    write_json(tmp_path / "c.json", [{"image_path": f"{index}.png", "caption": "gone"} for index in range(7)] + [{"caption": "x"}])
+    write_json(
+        tmp_path / "c.json",
+        [{"image_path": f"{index}.png", "caption": "gone"} for index in range(7)] + [{"caption": "x"}],
+    )
     with pytest.raises(DataError) as error:
         load(tmp_path, tmp_path)
-    assert_one_line_naming(error, "no usable image–caption pair", "c.json entry 8: no image_path; 0.png: missing", "and 3 more")
+    assert_one_line_naming(
+        error, "no usable image–caption pair", "c.json entry 8: no image_path; 0.png: missing", "and 3 more"
+    )
 
 
 # The cache
@@ -517,7 +533,10 @@ def test_the_second_load_reads_the_cache_and_gives_equal_tensors(tmp_path):
     first = load(tmp_path / "data", tmp_path)
     second = load(tmp_path / "data", tmp_path)
     assert not first.cache_hit and second.cache_hit and first.cache == second.cache
-    assert sorted(path.name for path in first.cache.parent.iterdir()) == [first.cache.with_suffix(".json").name, first.cache.name]
+    assert sorted(path.name for path in first.cache.parent.iterdir()) == [
+        first.cache.with_suffix(".json").name,
+        first.cache.name,
+    ]
     for decoded, cached in zip(splits(first), splits(second), strict=True):
         assert torch.equal(decoded.images, cached.images)
         assert decoded.files == cached.files and decoded.captions == cached.captions
@@ -581,7 +600,9 @@ def test_a_cache_larger_than_allowed_in_memory_is_memory_mapped_with_equal_pixel
     in_memory = load(tmp_path / "data", tmp_path)
     mapped = load(tmp_path / "data", tmp_path, max_in_memory_bytes=0)
     assert mapped.cache_hit and "memory-mapped" in describe(mapped)[1]
-    assert len({split.images.untyped_storage().data_ptr() for split in splits(mapped)}) == 1  # views of one map, not copies
+    assert (
+        len({split.images.untyped_storage().data_ptr() for split in splits(mapped)}) == 1
+    )  # views of one map, not copies
     for held, view in zip(splits(in_memory), splits(mapped), strict=True):
         assert not held.memory_mapped and view.memory_mapped
         assert torch.equal(held.images, view.images)

@@ -14,8 +14,15 @@ from matplotlib.offsetbox import AnnotationBbox
 
 import figures
 
-SHAPES = {"grey": (28, 28), "colour": (3, 24, 32)}  # one image's shape; colour ones not square, so a transposition shows
-CAPTIONS = ["a black dog runs across the grass with a stick in its mouth", "一只小狗在草地上奔跑，嘴里叼着一根树枝", "a 7"]
+SHAPES = {
+    "grey": (28, 28),
+    "colour": (3, 24, 32),
+}  # one image's shape; colour ones not square, so a transposition shows
+CAPTIONS = [
+    "a black dog runs across the grass with a stick in its mouth",
+    "一只小狗在草地上奔跑，嘴里叼着一根树枝",
+    "a 7",
+]
 
 
 def rendered(figure: Figure) -> None:
@@ -54,7 +61,9 @@ def test_caption_retrieval_shows_each_caption_and_titles_its_images_by_relevance
     rendered(figure)
 
 
-def caption_collection(shape: tuple[int, ...], gap: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def caption_collection(
+    shape: tuple[int, ...], gap: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Ten images with three captions each (40 points), every caption near its image; `gap` moves the images
     and the captions apart, along opposite ways of one axis, as CLIP's modality gap does:
     (image_features, caption_features, caption_image, thumbnails)."""
@@ -89,7 +98,9 @@ def test_caption_tsne_pictures_a_few_images_and_joins_each_to_its_own_captions(s
     (lines,) = [collection for collection in figure.axes[0].collections if isinstance(collection, LineCollection)]
     drawn = {(tuple(start), tuple(end)) for start, end in lines.get_segments()}
     assert drawn == {
-        (tuple(image_xy[i]), tuple(caption_xy[k])) for i in pictured for k in (caption_image == i).nonzero().flatten().tolist()
+        (tuple(image_xy[i]), tuple(caption_xy[k]))
+        for i in pictured
+        for k in (caption_image == i).nonzero().flatten().tolist()
     }
     assert "t-SNE" in figure.axes[0].get_title()
     rendered(figure)
@@ -101,7 +112,9 @@ def test_caption_tsne_centres_each_modality_so_images_land_among_their_captions(
     images, captions, caption_image, thumbnails = caption_collection(SHAPES["grey"], gap=1.0)
 
     def nearest_dot_is_own_caption(centre: bool) -> list[bool]:
-        image_xy, caption_xy = dots(figures.plot_caption_tsne(images, captions, caption_image, thumbnails, centre=centre))
+        image_xy, caption_xy = dots(
+            figures.plot_caption_tsne(images, captions, caption_image, thumbnails, centre=centre)
+        )
         points, owner = np.concatenate([image_xy, caption_xy]), np.concatenate([np.full(10, -1), caption_image.numpy()])
         distances = np.linalg.norm(image_xy[:, None] - points[None], axis=2)
         distances[np.arange(10), np.arange(10)] = np.inf  # not itself

@@ -20,7 +20,13 @@ SMALL = CLIPConfig(image_widths=(8, 16), text_hidden_dim=16, embed_dim=16)
 
 
 def small_checkpoint() -> dict:
-    return {"model": CLIP(SMALL).state_dict(), "config": SMALL.to_dict(), "epoch": 1, "best_accuracy": 0.5, "dataset": "digits"}
+    return {
+        "model": CLIP(SMALL).state_dict(),
+        "config": SMALL.to_dict(),
+        "epoch": 1,
+        "best_accuracy": 0.5,
+        "dataset": "digits",
+    }
 
 
 def checkpoint_bytes(state) -> bytes:
@@ -103,9 +109,15 @@ def inference_checkpoint() -> dict:
 # name -> how a checkpoint that loads as a dict still cannot give a model, and what the error says
 UNUSABLE_FOR_INFERENCE = {
     "without step": (lambda state: state.pop("step"), "it lacks step"),
-    "a config with a field of the wrong type": (lambda state: state["config"].update(image_widths=8), "cannot be rebuilt"),
+    "a config with a field of the wrong type": (
+        lambda state: state["config"].update(image_widths=8),
+        "cannot be rebuilt",
+    ),
     "a config with an unknown field": (lambda state: state["config"].update(depth=3), "cannot be rebuilt"),
-    "a weight of the wrong shape": (lambda state: state["model"].update(logit_scale=torch.ones(3)), "cannot be rebuilt"),
+    "a weight of the wrong shape": (
+        lambda state: state["model"].update(logit_scale=torch.ones(3)),
+        "cannot be rebuilt",
+    ),
     "a missing weight": (lambda state: state["model"].pop("logit_scale"), "cannot be rebuilt"),
 }
 
@@ -167,7 +179,9 @@ def test_scripts_report_a_bad_checkpoint_in_one_line(script: str, option: str, t
     path = tmp_path / "run" / "last.pt"
     path.parent.mkdir()
     path.write_bytes(checkpoint_bytes({"model": CreatesFileWhenUnpickled(marker), "config": {}}))
-    result = subprocess.run([sys.executable, script, option, str(path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, script, option, str(path)], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {path} "), result.stderr

@@ -164,7 +164,8 @@ def test_random_affine_rotates_and_scales_about_the_centre():
 
 
 @pytest.mark.parametrize(
-    "size, mode, ink, paper", [((300, 200), "RGB", (20, 20, 80), (250, 245, 230)), ((64, 90), "L", 0, 255), ((40, 40), "L", 255, 0)]
+    "size, mode, ink, paper",
+    [((300, 200), "RGB", (20, 20, 80), (250, 245, 230)), ((64, 90), "L", 0, 255), ((40, 40), "L", 255, 0)],
 )
 def test_user_pictures_become_mnist_style(size, mode, ink, paper):
     image = Image.new(mode, size, paper)
@@ -244,5 +245,7 @@ def test_a_garment_photo_becomes_fashion_mnist_style():
     garment = to_fashion_style(photo)
     rows, cols = (garment > 127).nonzero().T
     assert (rows.min(), rows.max()) == (0, 27)  # its longer side fills the 28 pixels, as in Fashion-MNIST...
-    assert cols.min() >= 8 and cols.max() <= 19 and abs((cols.min() + cols.max()) / 2 - 13.5) <= 1  # ...keeping its shape, centred
+    assert (
+        cols.min() >= 8 and cols.max() <= 19 and abs((cols.min() + cols.max()) / 2 - 13.5) <= 1
+    )  # ...keeping its shape, centred
     assert garment[:, :5].max() == 0 and garment[:, -5:].max() == 0  # the background is black

@@ -123,7 +123,9 @@ class Page:
     def __init__(self, browser, url: str):
         self.tab = browser.new_page(viewport={"width": 1200, "height": 1100})
         self.console_errors: list[str] = []
-        self.tab.on("console", lambda message: self.console_errors.append(message.text) if message.type == "error" else None)
+        self.tab.on(
+            "console", lambda message: self.console_errors.append(message.text) if message.type == "error" else None
+        )
         self.tab.on("pageerror", lambda error: self.console_errors.append(str(error)))
         self.tab.goto(url)
         self.tab.locator("#sketchpad canvas").first.wait_for()
@@ -275,7 +277,10 @@ def test_a_missing_checkpoint_is_one_line_without_a_traceback(tmp_path: Path, mo
     monkeypatch.setattr(sys, "argv", ["demo.py", "--checkpoint", str(tmp_path / "missing.pt")])
     with pytest.raises(SystemExit) as stopped:
         runpy.run_path(str(REPO / "demo.py"), run_name="__main__")
-    assert str(stopped.value) == f"error: no checkpoint at {tmp_path / 'missing.pt'}: check the path, or train one with `python train.py`"
+    assert (
+        str(stopped.value)
+        == f"error: no checkpoint at {tmp_path / 'missing.pt'}: check the path, or train one with `python train.py`"
+    )
 
 
 def test_a_port_in_use_is_refused_before_the_model_loads(capsys):

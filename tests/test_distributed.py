@@ -59,10 +59,16 @@ def each_process(rank: int, store: str, results: dict) -> None:
     image_encoder, text_encoder = encoders()
     images, texts, positives = batch()
     mine = shard(torch.arange(GLOBAL_BATCH), process)
-    image_features, text_features = F.normalize(image_encoder(images[mine]), dim=1), F.normalize(text_encoder(texts[mine]), dim=1)
+    image_features, text_features = (
+        F.normalize(image_encoder(images[mine]), dim=1),
+        F.normalize(text_encoder(texts[mine]), dim=1),
+    )
     loss, _ = local_clip_loss(image_features, text_features, torch.tensor(10.0), positives, process)
     loss.backward()
-    mean_loss, grads = loss.detach().clone(), [p.grad for p in (*image_encoder.parameters(), *text_encoder.parameters())]
+    mean_loss, grads = (
+        loss.detach().clone(),
+        [p.grad for p in (*image_encoder.parameters(), *text_encoder.parameters())],
+    )
     for tensor in (mean_loss, *grads):  # the mean over processes, as DistributedDataParallel takes it
         dist.all_reduce(tensor)
         tensor /= WORLD_SIZE
@@ -94,7 +100,9 @@ def clip_step(process: Process) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     images = torch.randn(GLOBAL_BATCH, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     tokens, positives = model.tokenize(DIGIT_CAPTIONS), LABELS[:, None] == LABELS[None, :]
     positives[0, 3] = True  # caption 3 describes image 0 too, not the reverse: positives need not be symmetric
-    texts, column = train.texts_to_encode(tokens, shard(LABELS, process), avoid_waiting=False)  # each image's caption: its digit
+    texts, column = train.texts_to_encode(
+        tokens, shard(LABELS, process), avoid_waiting=False
+    )  # each image's caption: its digit
     wrapped = wrap(model, process)  # kept until after backward, which it hooks into to average the gradients
     features = wrapped(images[shard(torch.arange(GLOBAL_BATCH), process)], texts, features=True)
     loss, _ = train.batch_loss(*features, column, positives, process)
@@ -126,7 +134,10 @@ def each_process_of_a_split(rank: int, store: str, results: dict) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
     process, items = Process(rank, WORLD_SIZE, rank), torch.arange(7.0)[:, None] * torch.tensor([1.0, -1.0])  # (7, 2)
     mine = items[part(len(items), process)]
-    results[rank] = (gathered_parts(mine, len(items), process), mean_of_parts(mine[:, 0].mean().item(), len(mine), process))
+    results[rank] = (
+        gathered_parts(mine, len(items), process),
+        mean_of_parts(mine[:, 0].mean().item(), len(mine), process),
+    )
     dist.destroy_process_group()
 
 
@@ -137,16 +148,29 @@ def test_the_parts_of_a_split_that_does_not_divide_evenly_gather_to_the_whole_sp
     mp.spawn(each_process_of_a_split, args=(str(tmp_path / "store"), results), nprocs=WORLD_SIZE)
     for rank in range(WORLD_SIZE):
         gathered, mean_of_all = results[rank]
-        assert torch.equal(gathered, items) and mean_of_all == pytest.approx(3.0)  # not the mean of the parts' means, 2.25
+        assert torch.equal(gathered, items) and mean_of_all == pytest.approx(
+            3.0
+        )  # not the mean of the parts' means, 2.25
 
 
 def torchrun(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """train.py with these arguments, in two processes on the CPU, started by torchrun."""
-    return subprocess.run(torchrun_command(*argv), cwd=REPOSITORY, env=unbuffered(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        torchrun_command(*argv), cwd=REPOSITORY, env=unbuffered(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def torchrun_command(*argv: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(WORLD_SIZE), "train.py", *argv]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(WORLD_SIZE),
+        "train.py",
+        *argv,
+    ]
 
 
 def unbuffered() -> dict[str, str]:
@@ -168,15 +192,21 @@ def test_two_processes_write_one_run_that_inference_loads(two_process_run, tmp_p
     (run_dir,) = runs.iterdir()  # one run folder, named by the main process
     assert {"best.pt", "last.pt"} <= {path.name for path in run_dir.iterdir()}
     assert len(list(run_dir.glob("events.out.tfevents*"))) == 1  # the main process's logs alone
-    assert result.stdout.count("epoch 3/3:") == 1 and result.stdout.count("test zero-shot accuracy") == 1  # printed once
+    assert (
+        result.stdout.count("epoch 3/3:") == 1 and result.stdout.count("test zero-shot accuracy") == 1
+    )  # printed once
     last = load_checkpoint(run_dir / "last.pt")
     assert last["step"] == 24 and last["rng"]["augment_per_process"].shape[0] == WORLD_SIZE
     assert not torch.equal(*last["rng"]["augment_per_process"])  # each process augments its images its own way
-    out = inference.main(["--checkpoint", str(run_dir / "best.pt"), "--precision", "fp32", "--output-dir", str(tmp_path)])
+    out = inference.main(
+        ["--checkpoint", str(run_dir / "best.pt"), "--precision", "fp32", "--output-dir", str(tmp_path)]
+    )
     assert f"test zero-shot accuracy {out['accuracy']:.2%}" in result.stdout  # the same model, on the same test split
 
 
-def test_two_processes_stopped_by_sigterm_save_once_and_resume_to_the_uninterrupted_run(two_process_run, tmp_path: Path, capsys):
+def test_two_processes_stopped_by_sigterm_save_once_and_resume_to_the_uninterrupted_run(
+    two_process_run, tmp_path: Path, capsys
+):
     runs, _ = two_process_run
     job = subprocess.Popen(
         torchrun_command(*THREE_EPOCHS, "--runs-dir", str(tmp_path), "--run-name", "run"),
@@ -217,9 +247,28 @@ def test_two_processes_stopped_by_sigterm_save_once_and_resume_to_the_uninterrup
 def test_two_processes_score_retrieval_on_captioned_photos_as_one_process_does(tmp_path: Path):
     exported = export_captions.export("digits", "flickr8k", tmp_path / "digits")  # 360 photos, 5 captions each
     photos = ["--dataset", "captions", "--data-dir", str(exported.folder), "--cache-dir", str(tmp_path / "cache")]
-    small = ["--image-size", "28", "--image-widths", "8,16", "--embed-dim", "16", "--batch-size", "32", "--device", "cpu"]
-    result = torchrun(*photos, *small, "--epochs", "1", "--precision", "fp32", "--runs-dir", str(tmp_path), "--run-name", "run")
+    small = [
+        "--image-size",
+        "28",
+        "--image-widths",
+        "8,16",
+        "--embed-dim",
+        "16",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+    ]
+    result = torchrun(
+        *photos, *small, "--epochs", "1", "--precision", "fp32", "--runs-dir", str(tmp_path), "--run-name", "run"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    collection, (model, best) = load_caption_collection(exported.folder, 28, tmp_path / "cache"), load_model(tmp_path / "run" / "best.pt")
+    collection, (model, best) = (
+        load_caption_collection(exported.folder, 28, tmp_path / "cache"),
+        load_model(tmp_path / "run" / "best.pt"),
+    )
     assert best["history"][0]["val_rsum"] == pytest.approx(retrieval_scores(model, collection.val)["rsum"], abs=1e-9)
-    assert f"test retrieval (36 photos, 180 captions): RSum {retrieval_scores(model, collection.test)['rsum']:.1f};" in result.stdout
+    assert (
+        f"test retrieval (36 photos, 180 captions): RSum {retrieval_scores(model, collection.test)['rsum']:.1f};"
+        in result.stdout
+    )

@@ -42,7 +42,9 @@ def test_evaluate_reports_every_metric_of_a_hand_made_embedding_set(tmp_path: Pa
     images, captions = F.one_hot(labels, 3).float(), torch.eye(3)
     split = Split(torch.randint(0, 256, (12, 28, 28), dtype=torch.uint8), labels)
     evaluation.evaluate(
-        evaluation.Gallery("test", split, images, captions, class_names=("0", "1", "2")), {"step": 10, "history": HISTORY}, tmp_path
+        evaluation.Gallery("test", split, images, captions, class_names=("0", "1", "2")),
+        {"step": 10, "history": HISTORY},
+        tmp_path,
     )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
 
@@ -133,7 +135,9 @@ def test_the_image_retrieval_figure_never_shows_a_query_as_its_own_neighbour(tmp
 
 
 def test_evaluate_on_a_trained_model_writes_its_metrics_figures_and_projector(digits_checkpoint: Path, tmp_path: Path):
-    out = inference.main(["--checkpoint", str(digits_checkpoint), "--dataset", "digits", "--evaluate", "--output-dir", str(tmp_path)])
+    out = inference.main(
+        ["--checkpoint", str(digits_checkpoint), "--dataset", "digits", "--evaluate", "--output-dir", str(tmp_path)]
+    )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert (metrics["split"], metrics["images"]) == ("test", 360)
     assert metrics["zero_shot"]["top1_accuracy"] == pytest.approx(out["accuracy"])  # main measures it on its own
@@ -144,13 +148,20 @@ def test_evaluate_on_a_trained_model_writes_its_metrics_figures_and_projector(di
     assert (tmp_path / "projector_config.pbtxt").is_file()  # TensorBoard's embedding projector
 
 
-def test_evaluate_on_the_validation_split_leaves_the_test_split_s_results_alone(digits_checkpoint: Path, tmp_path: Path):
+def test_evaluate_on_the_validation_split_leaves_the_test_split_s_results_alone(
+    digits_checkpoint: Path, tmp_path: Path
+):
     inference.main(["--checkpoint", str(digits_checkpoint), "--evaluate", "--output-dir", str(tmp_path)])
     test_metrics = (tmp_path / "metrics.json").read_text()
-    inference.main(["--checkpoint", str(digits_checkpoint), "--evaluate", "--split", "val", "--output-dir", str(tmp_path)])
+    inference.main(
+        ["--checkpoint", str(digits_checkpoint), "--evaluate", "--split", "val", "--output-dir", str(tmp_path)]
+    )
     assert (tmp_path / "metrics.json").read_text() == test_metrics
     validation = json.loads((tmp_path / "metrics_val.json").read_text())
-    assert (validation["split"], validation["images"]) == ("validation", 300)  # the digits' validation split, held out as in training
+    assert (validation["split"], validation["images"]) == (
+        "validation",
+        300,
+    )  # the digits' validation split, held out as in training
     assert sum(map(sum, validation["zero_shot"]["confusion_matrix"])) == 300
     for name in FIGURES:
         assert (tmp_path / "evaluation_val" / f"{name}.png").is_file(), name

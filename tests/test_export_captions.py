@@ -40,7 +40,9 @@ def read_back(folder: Path, layout: str) -> tuple[list[str], list[list[str]]]:
         return [entry["image_path"] for entry in index], [entry["captions"] for entry in index]
     if layout == "folders":
         images = sorted((folder / "images").iterdir())
-        captions = [(folder / "captions" / f"{image.stem}.txt").read_text(encoding="utf-8").splitlines() for image in images]
+        captions = [
+            (folder / "captions" / f"{image.stem}.txt").read_text(encoding="utf-8").splitlines() for image in images
+        ]
         return [f"images/{image.name}" for image in images], captions
     with (folder / "captions.txt").open(encoding="utf-8", newline="") as file:
         assert file.readline() == "image,caption\n"  # Kaggle's Flickr8k header
@@ -80,25 +82,39 @@ def test_each_layout_holds_the_test_images_exactly_and_their_captions_in_utf8(tm
 def test_each_digit_gets_distinct_captions_that_describe_it_those_that_state_attributes_first(tmp_path: Path):
     split = digits_test_split(60)
     captions = training_captions("attributes", "digits")
-    describes = captions.describes(image_properties(split, stroke_edges(split)))  # bins measured on the exported images alone
+    describes = captions.describes(
+        image_properties(split, stroke_edges(split))
+    )  # bins measured on the exported images alone
     states_attributes = (captions.says[:, 1:] != ANY).any(dim=1)
     attribute_captions_available = (describes & states_attributes).sum(dim=1).tolist()
     index = {text: caption for caption, text in enumerate(captions.texts)}
     for per_image in (5, 30):  # at 30, every digit's 28 attribute captions (12 for a held-out combination) run out
-        exported = export_captions.export("digits", "json", tmp_path / str(per_image), count=60, captions_per_image=per_image)
-        for texts, describing, available in zip(exported.captions, describes, attribute_captions_available, strict=True):
+        exported = export_captions.export(
+            "digits", "json", tmp_path / str(per_image), count=60, captions_per_image=per_image
+        )
+        for texts, describing, available in zip(
+            exported.captions, describes, attribute_captions_available, strict=True
+        ):
             drawn = torch.tensor([index[text] for text in texts])
             assert len(set(texts)) == per_image and describing[drawn].all()
             with_attributes = min(per_image, available)
-            assert states_attributes[drawn].tolist() == [True] * with_attributes + [False] * (per_image - with_attributes)
+            assert states_attributes[drawn].tolist() == [True] * with_attributes + [False] * (
+                per_image - with_attributes
+            )
 
 
-def test_clothes_are_written_as_jpeg_close_to_their_pixels_with_captions_naming_their_class(tmp_path: Path, monkeypatch, capsys):
+def test_clothes_are_written_as_jpeg_close_to_their_pixels_with_captions_naming_their_class(
+    tmp_path: Path, monkeypatch, capsys
+):
     # Fashion-MNIST cannot be downloaded in the tests: the digits stand in for its images, their labels for its classes.
     test = digits_test_split()
     monkeypatch.setattr(export_captions, "load_splits", lambda dataset, data_dir, val_size: Splits(test, test, test))
-    exported = export_captions.main(["--dataset", "fashion", "--layout", "folders", "--output", str(tmp_path / "clothes")])
-    assert exported.files == [f"images/{index:05d}.jpg" for index in range(COUNT)] and torch.equal(exported.images, test.images)
+    exported = export_captions.main(
+        ["--dataset", "fashion", "--layout", "folders", "--output", str(tmp_path / "clothes")]
+    )
+    assert exported.files == [f"images/{index:05d}.jpg" for index in range(COUNT)] and torch.equal(
+        exported.images, test.images
+    )
     for file, pixels in zip(exported.files, exported.images, strict=True):
         with Image.open(tmp_path / "clothes" / file) as picture:
             assert (picture.format, picture.mode) == ("JPEG", "L")
@@ -107,7 +123,10 @@ def test_clothes_are_written_as_jpeg_close_to_their_pixels_with_captions_naming_
     class_of = dict(zip(templates.texts, templates.says[:, 0].tolist(), strict=True))
     for texts, label in zip(exported.captions, test.labels.tolist(), strict=True):
         assert len(set(texts)) == 5 and {class_of[text] for text in texts} == {label}
-    assert "12 Fashion-MNIST test images (JPEG) with 60 class-name captions in the folders layout" in capsys.readouterr().out
+    assert (
+        "12 Fashion-MNIST test images (JPEG) with 60 class-name captions in the folders layout"
+        in capsys.readouterr().out
+    )
 
 
 def test_the_same_seed_draws_the_same_captions_in_any_layout_and_another_seed_others(tmp_path: Path):
@@ -142,11 +161,17 @@ def test_an_export_that_cannot_be_made_says_why_in_one_line_and_writes_nothing(
     Path("a-file").write_text("not a data folder")
     with pytest.raises(SystemExit) as error:
         export_digits(Path("new") / "exported", "--layout", "json", *options)
-    assert str(error.value.code).startswith("error: ") and reason in str(error.value.code) and "\n" not in str(error.value.code)
+    assert (
+        str(error.value.code).startswith("error: ")
+        and reason in str(error.value.code)
+        and "\n" not in str(error.value.code)
+    )
     assert sorted(path.name for path in tmp_path.iterdir()) == ["a-file"]
 
 
-def test_an_export_interrupted_midway_leaves_nothing_behind_not_even_the_folders_made_for_it(tmp_path: Path, monkeypatch):
+def test_an_export_interrupted_midway_leaves_nothing_behind_not_even_the_folders_made_for_it(
+    tmp_path: Path, monkeypatch
+):
     def interrupt(*args) -> None:
         raise KeyboardInterrupt
 

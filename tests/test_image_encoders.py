@@ -20,7 +20,9 @@ def test_resnet18_has_a_small_image_stem_below_96_pixels(size: int, stem_stride:
 
 
 def test_a_clip_of_resnet18_embeds_colour_photos():
-    config = CLIPConfig(image_encoder="resnet18", image_channels=3, image_size=32, text_encoder="transformer", text_characters="abc")
+    config = CLIPConfig(
+        image_encoder="resnet18", image_channels=3, image_size=32, text_encoder="transformer", text_characters="abc"
+    )
     model = CLIP(config).eval()
     features = model.encode_image(torch.randn(3, 3, 32, 32))
     assert features.shape == (3, config.embed_dim)
@@ -74,7 +76,9 @@ def test_colour_photos_are_normalised_per_channel():
     photos = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
     photos[:, 1] = 255
     normalised = normalize(photos)
-    expected = torch.tensor([-PHOTO_MEAN[0] / PHOTO_STD[0], (1 - PHOTO_MEAN[1]) / PHOTO_STD[1], -PHOTO_MEAN[2] / PHOTO_STD[2]])
+    expected = torch.tensor(
+        [-PHOTO_MEAN[0] / PHOTO_STD[0], (1 - PHOTO_MEAN[1]) / PHOTO_STD[1], -PHOTO_MEAN[2] / PHOTO_STD[2]]
+    )
     assert torch.allclose(normalised[0, :, 2, 2], expected)
     assert normalize(photos[:, 0]).shape == (2, 1, 4, 4)  # grey digits keep MNIST's single channel
 

@@ -53,7 +53,9 @@ def test_hubness_finds_the_image_that_is_every_query_s_nearest(chunk_size: int):
     features = torch.cat([torch.tensor([[0.0, 0.0, 1.0]]), ring])
     result = image_retrieval(features, torch.zeros(5, dtype=torch.long), ks=(1,), hubness_k=1, chunk_size=chunk_size)
     # Mean 1, deviations 3, 0, -1, -1, -1: variance 12/5, third moment 24/5.
-    assert result["hubness"] == pytest.approx({"k": 1, "coverage": 2 / 5, "skewness": (24 / 5) / (12 / 5) ** 1.5, "max_occurrence": 4})
+    assert result["hubness"] == pytest.approx(
+        {"k": 1, "coverage": 2 / 5, "skewness": (24 / 5) / (12 / 5) ** 1.5, "max_occurrence": 4}
+    )
 
 
 def test_a_query_is_never_its_own_neighbour():
@@ -118,7 +120,10 @@ def test_text_to_image_matches_a_hand_computed_case():
     assert result["recall@4"] == pytest.approx(1.0)
     assert result["mean_first_correct_rank"] == pytest.approx(2.0)
     # The averages are exactly what metrics.json reports; first_correct_rank is averaged only as mean_first_correct_rank.
-    assert set(result) == {f"{name}@{k}" for name in ("precision", "recall") for k in (1, 2, 4)} | {"mean_first_correct_rank", "per_digit"}
+    assert set(result) == {f"{name}@{k}" for name in ("precision", "recall") for k in (1, 2, 4)} | {
+        "mean_first_correct_rank",
+        "per_digit",
+    }
 
 
 def test_similarity_gap_of_a_hand_computed_case():
@@ -140,7 +145,9 @@ def test_a_tie_counts_as_argmax_breaks_it_by_column_order():
 def test_tied_images_are_ranked_in_the_order_of_the_split():
     # Images 1 and 2 are the same picture: from image 0, image 1 (another digit) comes first, image 2 second.
     features, labels = on_circle([0, 30, 30, 90]), torch.tensor([0, 1, 0, 1])
-    assert image_retrieval(features, labels, ks=(1, 2), hubness_k=1)["precision@1"] == pytest.approx((0 + 0 + 0 + 1) / 4)
+    assert image_retrieval(features, labels, ks=(1, 2), hubness_k=1)["precision@1"] == pytest.approx(
+        (0 + 0 + 0 + 1) / 4
+    )
     texts = on_circle([30, 90])
     assert text_to_image(features, texts, labels, ks=(1,), centre=False)["per_digit"]["precision@1"] == [0.0, 1.0]
 
@@ -168,7 +175,9 @@ def test_centring_returns_a_digit_s_typical_images_where_the_plain_cosine_return
     images = F.normalize(torch.stack([0.3 * side, spread.repeat(2), torch.ones(10)], dim=1), dim=1)
     captions = F.normalize(torch.tensor([[0.3, 1.0, 0.0], [-0.3, 1.0, 0.0]]), dim=1)
     gap = modality_gap(images, captions, (side < 0).long(), k=1)
-    assert gap["returned_percentile_by_cosine"] == pytest.approx([60.0, 60.0])  # y = 0.2: three of five lie nearer the middle
+    assert gap["returned_percentile_by_cosine"] == pytest.approx(
+        [60.0, 60.0]
+    )  # y = 0.2: three of five lie nearer the middle
     assert gap["returned_percentile"] == pytest.approx([0.0, 0.0])  # y = 0, the middle itself
 
 
@@ -193,7 +202,12 @@ def test_a_long_run_of_tied_images_is_ranked_in_the_order_of_the_split():
 
 def test_hubness_of_an_even_gallery_is_zero_skewness_not_nan():
     # Every image found equally often: no spread, so no hubs; the skewness formula would divide 0 by 0.
-    assert hubness(torch.ones(6, dtype=torch.long), k=1) == {"k": 1, "coverage": 1.0, "skewness": 0.0, "max_occurrence": 1}
+    assert hubness(torch.ones(6, dtype=torch.long), k=1) == {
+        "k": 1,
+        "coverage": 1.0,
+        "skewness": 0.0,
+        "max_occurrence": 1,
+    }
 
 
 def test_hubness_skewness_of_a_narrow_hand_computed_distribution():
@@ -241,8 +255,12 @@ def test_evaluate_embeddings_groups_each_measurement_under_its_metrics_json_name
     generator = torch.Generator().manual_seed(0)
     labels = torch.arange(3).repeat_interleave(4)
     # Images and captions in cones of their own (offsets along opposite ways of a fourth axis), as a CLIP model makes them.
-    images = F.normalize(F.one_hot(labels, 4) + 0.5 * torch.randn(12, 4, generator=generator) + torch.tensor([0, 0, 0, 2.0]), dim=1)
-    captions = F.normalize(torch.eye(3, 4) - torch.tensor([0, 0, 0, 1.0]) + 0.3 * torch.randn(3, 4, generator=generator), dim=1)
+    images = F.normalize(
+        F.one_hot(labels, 4) + 0.5 * torch.randn(12, 4, generator=generator) + torch.tensor([0, 0, 0, 2.0]), dim=1
+    )
+    captions = F.normalize(
+        torch.eye(3, 4) - torch.tensor([0, 0, 0, 1.0]) + 0.3 * torch.randn(3, 4, generator=generator), dim=1
+    )
     result = evaluate_embeddings(images, captions, labels)
     assert result == {
         "zero_shot": zero_shot_classification(images, captions, labels),
@@ -273,7 +291,9 @@ def test_rank_of_label_stays_on_the_device_of_its_inputs():
 # image 1 (text 11)     .8  .6   .6    0   0
 # image 2 (texts 7, 5)   0   0   .8    0  .6
 HAND_IMAGES = torch.eye(3, 4)
-HAND_CAPTIONS = torch.tensor([[0.6, 0.8, 0.0, 0.0], [0.0, 0.6, 0.0, 0.8], [0.0, 0.6, 0.8, 0.0], [0.8, 0.0, 0.0, 0.6], [0.0, 0.0, 0.6, 0.8]])
+HAND_CAPTIONS = torch.tensor(
+    [[0.6, 0.8, 0.0, 0.0], [0.0, 0.6, 0.0, 0.8], [0.0, 0.6, 0.8, 0.0], [0.8, 0.0, 0.0, 0.6], [0.0, 0.0, 0.6, 0.8]]
+)
 HAND_CAPTION_IMAGE = torch.tensor([0, 0, 1, 2, 2])
 HAND_CAPTION_TEXT = torch.tensor([7, 3, 11, 7, 5])
 
@@ -295,7 +315,9 @@ def test_image_caption_retrieval_matches_a_hand_computed_case():
     )
     assert result["rsum"] == pytest.approx(100 * (1 / 3 + 1 + 1 + 2 / 5 + 1 + 1))
     # Relevant pairs: .6 0 .8 | .6 | 0 0 .6 (seven, sum 2.6); the other eight sum to 2.2.
-    assert result["similarity"] == pytest.approx({"matching": 2.6 / 7, "non_matching": 2.2 / 8, "gap": 2.6 / 7 - 2.2 / 8})
+    assert result["similarity"] == pytest.approx(
+        {"matching": 2.6 / 7, "non_matching": 2.2 / 8, "gap": 2.6 / 7 - 2.2 / 8}
+    )
     assert (result["images"], result["captions"]) == (3, 5)
 
 
@@ -317,7 +339,9 @@ def random_collection(n_images: int, seed: int) -> tuple[torch.Tensor, torch.Ten
     repeated = torch.rand(len(caption_image), generator=generator) < 1 / 6
     caption_text[repeated] = torch.randint(0, len(caption_image), (int(repeated.sum()),), generator=generator)
     images = F.normalize(torch.randn(n_images, 16, generator=generator), dim=1)
-    captions = F.normalize(images[caption_image] + 1.5 * torch.randn(len(caption_image), 16, generator=generator), dim=1)
+    captions = F.normalize(
+        images[caption_image] + 1.5 * torch.randn(len(caption_image), 16, generator=generator), dim=1
+    )
     return images, captions, caption_image, caption_text
 
 
@@ -347,7 +371,9 @@ def test_image_caption_retrieval_ranks_and_scores_as_the_definitions_do():
         ("text_to_image", ranks_by_definition(similarities.T, relevant.T)),
     ):
         recalls = {f"recall@{k}": sum(rank <= k for rank in ranks) / len(ranks) for k in RECALL_AT}
-        assert result[direction] == pytest.approx(recalls | {"median_rank": statistics.median(ranks), "mean_rank": statistics.mean(ranks)})
+        assert result[direction] == pytest.approx(
+            recalls | {"median_rank": statistics.median(ranks), "mean_rank": statistics.mean(ranks)}
+        )
     matching, non_matching = similarities[relevant].mean().item(), similarities[~relevant].mean().item()
     # The mean of the non-matching cosines is near 0: float error is absolute there, not relative.
     assert result["similarity"] == pytest.approx(
@@ -372,7 +398,9 @@ def test_chunked_image_caption_retrieval_equals_one_chunk():
     whole = image_caption_retrieval(*collection, chunk_size=10_000)
     for chunk_size in (1, 3, 16):
         chunked = image_caption_retrieval(*collection, chunk_size=chunk_size)
-        assert chunked | {"similarity": None} == whole | {"similarity": None}  # ranks exactly; cosine sums up to float error
+        assert chunked | {"similarity": None} == whole | {
+            "similarity": None
+        }  # ranks exactly; cosine sums up to float error
         assert chunked["similarity"] == pytest.approx(whole["similarity"], abs=1e-6)
 
 
@@ -416,7 +444,9 @@ def test_image_caption_retrieval_refuses_an_image_without_a_caption():
         image_caption_retrieval(torch.eye(3), torch.eye(3), torch.tensor([0, 2, 2]), torch.arange(3))
     with pytest.raises(ValueError, match="images 0 to 2"):
         image_caption_retrieval(torch.eye(3), torch.eye(3), torch.tensor([0, 1, 3]), torch.arange(3))
-    with pytest.raises(ValueError, match="1 of the 3 images have no caption"):  # the last one, past every caption's image
+    with pytest.raises(
+        ValueError, match="1 of the 3 images have no caption"
+    ):  # the last one, past every caption's image
         image_caption_retrieval(torch.eye(3), torch.eye(3), torch.tensor([0, 0, 1]), torch.arange(3))
 
 

@@ -18,7 +18,18 @@ from caption_data import PhotoPairs, collection_from_tensors, load_caption_colle
 from checkpoint import load_checkpoint, load_model
 from utils import retrieval_scores
 
-TINY = ["--image-size", "28", "--image-widths", "8,16", "--embed-dim", "16", "--batch-size", "32", "--log-interval", "2"]
+TINY = [
+    "--image-size",
+    "28",
+    "--image-widths",
+    "8,16",
+    "--embed-dim",
+    "16",
+    "--batch-size",
+    "32",
+    "--log-interval",
+    "2",
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,14 +59,29 @@ def test_training_on_captioned_photos_selects_by_rsum_and_scores_the_test_split(
     assert len(list(cache.glob("*.npy"))) == 1  # the photos were decoded once, into the cache
 
 
-def test_a_photo_run_stopped_by_a_signal_and_resumed_ends_as_the_uninterrupted_one(exported, photo_run, tmp_path: Path, monkeypatch):
+def test_a_photo_run_stopped_by_a_signal_and_resumed_ends_as_the_uninterrupted_one(
+    exported, photo_run, tmp_path: Path, monkeypatch
+):
     result, cache = photo_run
-    argv = ["--dataset", "captions", "--data-dir", str(exported.folder), "--cache-dir", str(cache), *TINY, "--epochs", "2"]
+    argv = [
+        "--dataset",
+        "captions",
+        "--data-dir",
+        str(exported.folder),
+        "--cache-dir",
+        str(cache),
+        *TINY,
+        "--epochs",
+        "2",
+    ]
     signal_on_call(monkeypatch, "clip_loss", 12, signal.SIGTERM)  # mid-epoch 2 (9 steps of 32 photos an epoch)
     assert stopped_run([*argv, "--runs-dir", str(tmp_path), "--run-name", "photos"]) == 143
     monkeypatch.undo()
     train.main(["--resume", str(tmp_path / "photos" / "last.pt")])
-    resumed, uninterrupted = load_checkpoint(tmp_path / "photos" / "last.pt"), load_checkpoint(result["run_dir"] / "last.pt")
+    resumed, uninterrupted = (
+        load_checkpoint(tmp_path / "photos" / "last.pt"),
+        load_checkpoint(result["run_dir"] / "last.pt"),
+    )
     for name, weights in uninterrupted["training_model"].items():
         assert torch.equal(resumed["training_model"][name], weights), name
     assert [e["val_rsum"] for e in resumed["history"]] == [e["val_rsum"] for e in uninterrupted["history"]]
@@ -66,7 +92,9 @@ def test_the_file_pipeline_gives_what_the_in_memory_one_gives_on_the_same_pictur
     split exactly, so a model retrieves alike from both."""
     result, cache = photo_run
     from_files = load_caption_collection(exported.folder, 28, cache)
-    in_memory = collection_from_tensors(exported.images[:, None].expand(-1, 3, -1, -1), exported.captions, exported.files)
+    in_memory = collection_from_tensors(
+        exported.images[:, None].expand(-1, 3, -1, -1), exported.captions, exported.files
+    )
     model = load_model(result["run_dir"] / "best.pt")[0]
     for name in ("train", "val", "test"):
         a, b = getattr(from_files, name), getattr(in_memory, name)
@@ -89,11 +117,15 @@ def test_every_layout_of_the_same_pictures_loads_as_the_in_memory_collection(exp
 def test_inference_ranks_captions_for_a_photo_and_photos_for_a_caption(photo_run, exported, tmp_path: Path, capsys):
     result, cache = photo_run
     checkpoint = str(result["run_dir"] / "best.pt")
-    out = inference.main(["--checkpoint", checkpoint, "--index", "3", "--text", "a thick 7", "--output-dir", str(tmp_path)])
+    out = inference.main(
+        ["--checkpoint", checkpoint, "--index", "3", "--text", "a thick 7", "--output-dir", str(tmp_path)]
+    )
     assert len(set(out["queries"][0]["captions"])) == 5  # five distinct texts, though many photos share some
     assert (tmp_path / "text_retrieval_a-thick-7.png").is_file()
     picture = exported.folder / exported.files[0]
-    out = inference.main(["--checkpoint", checkpoint, "--image", str(picture), "--labels", "zero,one", "--output-dir", str(tmp_path)])
+    out = inference.main(
+        ["--checkpoint", checkpoint, "--image", str(picture), "--labels", "zero,one", "--output-dir", str(tmp_path)]
+    )
     printed = capsys.readouterr().out
     assert "test photo 3" in printed and "its own captions:" in printed
     assert f"{picture.name}: predicted" in printed and len(out["queries"]) == 1
@@ -101,12 +133,18 @@ def test_inference_ranks_captions_for_a_photo_and_photos_for_a_caption(photo_run
 
 def test_evaluate_writes_every_retrieval_metric_and_its_figures(photo_run, tmp_path: Path):
     result, _ = photo_run
-    out = inference.main(["--checkpoint", str(result["run_dir"] / "best.pt"), "--evaluate", "--output-dir", str(tmp_path)])
+    out = inference.main(
+        ["--checkpoint", str(result["run_dir"] / "best.pt"), "--evaluate", "--output-dir", str(tmp_path)]
+    )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["rsum"] == pytest.approx(result["test_retrieval"]["rsum"]) == pytest.approx(out["metrics"]["rsum"])
     assert {"recall@1", "recall@5", "recall@10", "median_rank", "mean_rank"} <= set(metrics["text_to_image"])
     assert {"matching", "non_matching", "gap"} <= set(metrics["similarity"])
-    assert {p.name for p in (tmp_path / "evaluation").iterdir()} == {"text_retrieval.png", "tsne.png", "training_curves.png"}
+    assert {p.name for p in (tmp_path / "evaluation").iterdir()} == {
+        "text_retrieval.png",
+        "tsne.png",
+        "training_curves.png",
+    }
 
 
 def test_pairs_draw_one_caption_per_photo_and_identical_texts_are_positives():
@@ -119,7 +157,9 @@ def test_pairs_draw_one_caption_per_photo_and_identical_texts_are_positives():
     batch = torch.arange(len(pairs))
     drawn, positives = pairs.draw(batch, torch.Generator().manual_seed(0))
     texts = [pairs.texts[i] for i in drawn.tolist()]
-    own = [{photos.captions[k] for k in (photos.caption_image == i).nonzero()[:, 0].tolist()} for i in range(len(pairs))]
+    own = [
+        {photos.captions[k] for k in (photos.caption_image == i).nonzero()[:, 0].tolist()} for i in range(len(pairs))
+    ]
     assert all(text in captions for text, captions in zip(texts, own, strict=True))  # each photo drew one of its own
     expected = torch.tensor([[texts[j] in own[i] for j in range(len(pairs))] for i in range(len(pairs))])
     assert torch.equal(positives, expected) and positives.diagonal().all()
@@ -140,7 +180,16 @@ def test_settings_a_collection_cannot_train_with_give_one_line(
     exported, photo_run, tmp_path: Path, options: list[str], message: str, capsys
 ):
     _, cache = photo_run
-    argv = ["--dataset", "captions", "--data-dir", str(exported.folder), "--cache-dir", str(cache), "--runs-dir", str(tmp_path)]
+    argv = [
+        "--dataset",
+        "captions",
+        "--data-dir",
+        str(exported.folder),
+        "--cache-dir",
+        str(cache),
+        "--runs-dir",
+        str(tmp_path),
+    ]
     with pytest.raises(SystemExit) as stop:
         train.main([*argv, *TINY, *options])
     said = str(stop.value) if isinstance(stop.value.code, str) else capsys.readouterr().err.strip().splitlines()[-1]

@@ -62,7 +62,9 @@ def test_auto_takes_fp32_where_onednn_is_held_below_bf16(monkeypatch):
 
 @pytest.mark.parametrize("native_bf16, expected", [(True, "bf16"), (False, "fp32")])
 def test_auto_on_cuda_follows_the_gpus_native_bf16(native_bf16: bool, expected: str, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16 or including_emulation)
+    monkeypatch.setattr(
+        torch.cuda, "is_bf16_supported", lambda including_emulation=True: native_bf16 or including_emulation
+    )
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
     assert utils.resolve_precision("auto", torch.device("cuda"))[0] == expected
 
@@ -74,7 +76,9 @@ def test_auto_on_mps_is_fp32_and_bf16_there_is_refused():
 
 
 @pytest.mark.parametrize("asked, native_bf16", [("bf16", False), ("fp32", True)])
-def test_an_explicit_precision_is_honoured_whatever_the_cpu(asked: str, native_bf16: bool, runs_dir: Path, monkeypatch, capsys):
+def test_an_explicit_precision_is_honoured_whatever_the_cpu(
+    asked: str, native_bf16: bool, runs_dir: Path, monkeypatch, capsys
+):
     fake_cpu(monkeypatch, avx512_bf16=native_bf16)
     used = record_precisions(monkeypatch, train)
     result = train.main([*TINY, "--dry-run", "--runs-dir", str(runs_dir), "--precision", asked])

@@ -41,7 +41,9 @@ def stopped_run(argv: list[str]) -> int:
     return exit_info.value.code
 
 
-def test_a_run_stopped_by_signals_and_resumed_ends_identical_to_an_uninterrupted_one(tmp_path: Path, monkeypatch, capsys):
+def test_a_run_stopped_by_signals_and_resumed_ends_identical_to_an_uninterrupted_one(
+    tmp_path: Path, monkeypatch, capsys
+):
     train.main([*TWO_EPOCHS, "--runs-dir", str(tmp_path / "a"), "--run-name", "run"])
     expected = load_checkpoint(tmp_path / "a" / "run" / "last.pt")
 
@@ -78,7 +80,9 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(runs_dir: Path, monkeypatc
 
 
 @pytest.mark.parametrize("bad_step, saved_step", [(3, None), (11, 8)])
-def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(bad_step, saved_step, runs_dir, monkeypatch):
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(
+    bad_step, saved_step, runs_dir, monkeypatch
+):
     calls = 0
 
     def nan_loss_once(logits, positives):
@@ -125,7 +129,9 @@ def test_resuming_with_other_settings_names_the_differing_fields(runs_dir: Path)
     message = str(error.value)
     assert message.startswith(f"{last} was trained with other settings")
     assert "image_widths (8, 32) (checkpoint: (8, 16))" in message and "lr 0.01 (checkpoint: 0.003)" in message
-    assert "device" not in message and "batch_size" not in message  # where it runs may change; unstated options come from the run
+    assert (
+        "device" not in message and "batch_size" not in message
+    )  # where it runs may change; unstated options come from the run
 
 
 def test_a_run_from_before_stroke_augmentation_resumes_without_it(runs_dir: Path):
@@ -143,6 +149,9 @@ def test_resuming_a_checkpoint_without_training_state_says_what_it_lacks(runs_di
     train.main([*TINY, "--dry-run", "--runs-dir", str(runs_dir), "--run-name", "run"])
     best = load_checkpoint(runs_dir / "run" / "best.pt")
     inference_only = runs_dir / "run" / "model-only.pt"
-    torch.save({key: best[key] for key in ("model", "config", "args", "step", "epoch", "best_accuracy", "history")}, inference_only)
+    torch.save(
+        {key: best[key] for key in ("model", "config", "args", "step", "epoch", "best_accuracy", "history")},
+        inference_only,
+    )
     with pytest.raises(CheckpointError, match="it lacks training_model, optimizer, scheduler, rng, epoch_loss_sum$"):
         train.main(["--resume", str(inference_only)])

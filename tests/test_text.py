@@ -36,7 +36,9 @@ TEXT_MODEL = [*TINY, "--text-encoder", "transformer", "--captions", "templates"]
 
 def test_tokens_read_back_as_the_normalised_caption_with_unknown_characters_marked():
     tokenizer = CharTokenizer.from_captions(["a handwritten 7", "手写的数字七"], max_length=64)
-    tokens = tokenizer(["A  Handwritten ７", "手写的七", "a handwritten 9!"])  # spaces, case and full width are normalised
+    tokens = tokenizer(
+        ["A  Handwritten ７", "手写的七", "a handwritten 9!"]
+    )  # spaces, case and full width are normalised
     assert tokens.shape == (3, 16) and (tokens[1, 4:] == PAD).all()
     assert tokenizer.decode(tokens) == ["a handwritten 7", "手写的七", "a handwritten ??"]
     assert (tokens[2, -2:] == UNKNOWN).all()
@@ -56,7 +58,10 @@ def test_a_caption_that_cannot_be_read_is_refused_in_one_line(caption: str, reas
 
 @pytest.mark.parametrize(
     "encoder",
-    [TransformerTextEncoder(20, 16, width=16, layers=2, heads=2, embed_dim=8), LSTMTextEncoder(20, width=16, layers=2, embed_dim=8)],
+    [
+        TransformerTextEncoder(20, 16, width=16, layers=2, heads=2, embed_dim=8),
+        LSTMTextEncoder(20, width=16, layers=2, embed_dim=8),
+    ],
     ids=["transformer", "lstm"],
 )
 def test_padding_changes_nothing(encoder):
@@ -64,7 +69,9 @@ def test_padding_changes_nothing(encoder):
     padded = F.pad(tokens, (0, 5), value=PAD)
     with torch.no_grad():
         assert torch.allclose(encoder(tokens), encoder(padded), atol=1e-5)
-        assert not torch.allclose(encoder(tokens)[0], encoder(tokens[:, :2])[0], atol=1e-3)  # the characters themselves count
+        assert not torch.allclose(
+            encoder(tokens)[0], encoder(tokens[:, :2])[0], atol=1e-3
+        )  # the characters themselves count
 
 
 def test_captions_read_in_groups_of_similar_length_keep_their_order_and_embeddings():
@@ -80,7 +87,9 @@ def test_captions_read_in_groups_of_similar_length_keep_their_order_and_embeddin
 
 def test_text_is_read_in_fp32_on_a_cpu_even_under_autocast():
     # On a CPU, bf16 casts cost more than the text encoders' small products save (clip.CLIP.encode_text).
-    config = CLIPConfig(image_widths=(8, 16), text_encoder="transformer", text_hidden_dim=16, text_characters="abc 01", embed_dim=8)
+    config = CLIPConfig(
+        image_widths=(8, 16), text_encoder="transformer", text_hidden_dim=16, text_characters="abc 01", embed_dim=8
+    )
     model = CLIP(config)
     tokens = model.tokenize(["a 0", "bc 1"])
     with torch.no_grad():
@@ -90,17 +99,23 @@ def test_text_is_read_in_fp32_on_a_cpu_even_under_autocast():
 
 
 def test_a_class_is_the_mean_of_its_captions_embeddings():
-    config = CLIPConfig(image_widths=(8, 16), text_encoder="transformer", text_hidden_dim=16, text_characters="abc 01", embed_dim=8)
+    config = CLIPConfig(
+        image_widths=(8, 16), text_encoder="transformer", text_hidden_dim=16, text_characters="abc 01", embed_dim=8
+    )
     model = CLIP(config)
     classes = (("a 0", "b 0"), ("c 1",))
     with torch.no_grad():
         each = model.encode_text(model.tokenize(["a 0", "b 0", "c 1"]))
-        assert torch.allclose(model.encode_classes(classes), F.normalize(torch.stack([each[:2].mean(0), each[2]]), dim=1), atol=1e-6)
+        assert torch.allclose(
+            model.encode_classes(classes), F.normalize(torch.stack([each[:2].mean(0), each[2]]), dim=1), atol=1e-6
+        )
 
 
 def test_template_captions_name_every_digit_in_each_language_and_classify_with_the_trained_templates():
     captions = template_captions(TEMPLATES["mnist"], CLASS_WORDS["mnist"])
-    assert "a handwritten 7" in captions.texts and "a handwritten seven" in captions.texts and "手写的七" in captions.texts
+    assert (
+        "a handwritten 7" in captions.texts and "a handwritten seven" in captions.texts and "手写的七" in captions.texts
+    )
     assert "an 8" in captions.texts and "a 8" not in captions.texts
     seven = captions.class_captions()[7]
     assert "the number seven" in seven and all("seven" in c or "7" in c or "七" in c for c in seven)
@@ -137,8 +152,12 @@ def test_no_training_caption_states_a_held_out_combination():
     for digit, attribute, b in HELD_OUT_COMBINATIONS:
         column = 1 + properties.index(attribute)
         assert not ((captions.says[:, 0] == digit) & (captions.says[:, column] == b)).any()
-        assert ((captions.says[:, 0] != digit) & (captions.says[:, column] == b)).any()  # the attribute, with other digits
-        assert ((captions.says[:, 0] == digit) & (captions.says[:, column] != b) & (captions.says[:, column] != ANY)).any()
+        assert (
+            (captions.says[:, 0] != digit) & (captions.says[:, column] == b)
+        ).any()  # the attribute, with other digits
+        assert (
+            (captions.says[:, 0] == digit) & (captions.says[:, column] != b) & (captions.says[:, column] != ANY)
+        ).any()
     queries, held_out = attribute_queries()
     assert held_out.sum() == 4 * len(HELD_OUT_COMBINATIONS)  # two names of the digit in two languages
     assert "a thin 4" in [t for t, h in zip(queries.texts, held_out.tolist(), strict=True) if h]
@@ -154,9 +173,13 @@ def stroke(width: int, slant: float = 0.0, half_length: int = 8) -> torch.Tensor
 
 
 def test_the_attribute_rule_measures_what_its_words_say():
-    thickness, width, slant = measure_strokes(torch.stack([stroke(2), stroke(5), stroke(3, slant=0.4), stroke(3, slant=-0.4)])).T
+    thickness, width, slant = measure_strokes(
+        torch.stack([stroke(2), stroke(5), stroke(3, slant=0.4), stroke(3, slant=-0.4)])
+    ).T
     assert thickness[0] == 0 and thickness[1] > 0.3  # a two-pixel stroke does not survive a 3x3 erosion
-    assert slant[2] == pytest.approx(0.4, abs=0.05) and slant[3] == pytest.approx(-0.4, abs=0.05) and abs(slant[0]) < 1e-6
+    assert (
+        slant[2] == pytest.approx(0.4, abs=0.05) and slant[3] == pytest.approx(-0.4, abs=0.05) and abs(slant[0]) < 1e-6
+    )
     assert width[2] > width[0] and width[1] > width[0]  # a leaning or wider stroke spreads over more columns
 
 
@@ -165,7 +188,10 @@ def test_bins_cut_a_digit_s_training_images_into_thirds_and_place_new_images_by_
     train = Split(images, torch.zeros(30, dtype=torch.long))
     edges = stroke_edges(train)
     for column in (1, 2, 3):  # thickness, width, slant: no bin empty or holding most
-        assert all(6 <= count <= 14 for count in torch.bincount(image_properties(train, edges)[:, column], minlength=3).tolist())
+        assert all(
+            6 <= count <= 14
+            for count in torch.bincount(image_properties(train, edges)[:, column], minlength=3).tolist()
+        )
     new = Split(torch.stack([stroke(1), stroke(6), stroke(3, -0.4), stroke(3, 0.4)]), torch.zeros(4, dtype=torch.long))
     thickness, _, slant = image_properties(new, edges)[:, 1:].T.tolist()
     assert thickness[:2] == [0, 2] and slant[2:] == [0, 2]
@@ -176,9 +202,21 @@ def test_a_model_trained_on_sentences_reads_a_user_s_words(runs_dir: Path, tmp_p
     checkpoint = str(result["run_dir"] / "best.pt")
     out = inference.main(["--checkpoint", checkpoint, "--text", "the number seven", "--output-dir", str(tmp_path)])
     printed = capsys.readouterr().out
-    assert 'images nearest to the caption "the number seven"' in printed and (tmp_path / "text_retrieval_the-number-seven.png").is_file()
+    assert (
+        'images nearest to the caption "the number seven"' in printed
+        and (tmp_path / "text_retrieval_the-number-seven.png").is_file()
+    )
     out = inference.main(
-        ["--checkpoint", checkpoint, "--labels", "seven,three", "--template", "the number {}", "--output-dir", str(tmp_path)]
+        [
+            "--checkpoint",
+            checkpoint,
+            "--labels",
+            "seven,three",
+            "--template",
+            "the number {}",
+            "--output-dir",
+            str(tmp_path),
+        ]
     )
     assert out["queries"][0]["predicted_name"] in ("seven", "three") and len(out["queries"][0]["probabilities"]) == 2
     assert math.isclose(sum(out["queries"][0]["probabilities"]), 1, rel_tol=1e-5)
@@ -230,9 +268,22 @@ def test_attribute_captions_train_on_unrotated_unscaled_images_of_unchanged_stro
 
 
 def test_a_checkpoint_from_before_the_text_encoders_still_loads_and_classifies(tmp_path: Path):
-    old_config = {"image_widths": (8, 16), "image_blocks_per_stage": 1, "text_hidden_dim": 16, "embed_dim": 12}  # all it held then
+    old_config = {
+        "image_widths": (8, 16),
+        "image_blocks_per_stage": 1,
+        "text_hidden_dim": 16,
+        "embed_dim": 12,
+    }  # all it held then
     model = CLIP(CLIPConfig.from_dict(old_config))
-    state = {"model": model.state_dict(), "config": old_config, "args": {}, "step": 0, "epoch": 0, "best_accuracy": 0.0, "history": []}
+    state = {
+        "model": model.state_dict(),
+        "config": old_config,
+        "args": {},
+        "step": 0,
+        "epoch": 0,
+        "best_accuracy": 0.0,
+        "history": [],
+    }
     torch.save(state, tmp_path / "old.pt")
     loaded = load_model(tmp_path / "old.pt")[0]
     assert loaded.config.text_encoder == "digit" and loaded.config.class_captions == tuple((str(d),) for d in range(10))

@@ -10,7 +10,18 @@ from checkpoint import load_model
 from dataset import to_mnist_style
 from utils import class_embeddings, embed_images
 
-TINY = ["--dataset", "digits", "--image-widths", "8,16", "--embed-dim", "16", "--batch-size", "128", "--log-interval", "2"]
+TINY = [
+    "--dataset",
+    "digits",
+    "--image-widths",
+    "8,16",
+    "--embed-dim",
+    "16",
+    "--batch-size",
+    "128",
+    "--log-interval",
+    "2",
+]
 
 
 def test_train_then_inference_end_to_end(runs_dir: Path, tmp_path: Path, capsys):
@@ -27,11 +38,15 @@ def test_train_then_inference_end_to_end(runs_dir: Path, tmp_path: Path, capsys)
     picture = Image.new("RGB", (120, 160), "white")
     ImageDraw.Draw(picture).ellipse((30, 30, 90, 130), outline="black", width=10)  # a "0"
     picture.save(tmp_path / "zero.png")
-    out = inference.main(["--checkpoint", str(run_dir / "best.pt"), "--precision", "fp32", "--image", str(tmp_path / "zero.png")])
+    out = inference.main(
+        ["--checkpoint", str(run_dir / "best.pt"), "--precision", "fp32", "--image", str(tmp_path / "zero.png")]
+    )
     model = load_model(run_dir / "best.pt")[0]
     similarities = embed_images(model, to_mnist_style(picture)[None])[0] @ class_embeddings(model).T
     assert out["queries"][0]["predicted"] == similarities.argmax().item()
-    assert out["queries"][0]["probabilities"] == pytest.approx((model.logit_scale.exp() * similarities).softmax(0).tolist(), abs=1e-5)
+    assert out["queries"][0]["probabilities"] == pytest.approx(
+        (model.logit_scale.exp() * similarities).softmax(0).tolist(), abs=1e-5
+    )
     printed = capsys.readouterr().out
     assert "zero-shot accuracy on the 360 test images" in printed and "zero.png: predicted" in printed
 
@@ -43,7 +58,9 @@ def test_an_image_of_the_split_is_never_its_own_neighbour(index: int, digits_che
 
 
 def test_seeded_training_on_offline_digits_reaches_90_percent(runs_dir: Path):
-    result = train.main(["--dataset", "digits", "--epochs", "8", "--batch-size", "128", "--seed", "0", "--runs-dir", str(runs_dir)])
+    result = train.main(
+        ["--dataset", "digits", "--epochs", "8", "--batch-size", "128", "--seed", "0", "--runs-dir", str(runs_dir)]
+    )
     assert result["test_accuracy"] >= 0.90
 
 
@@ -111,7 +128,9 @@ def test_pictures_of_the_same_name_from_two_folders_each_get_their_own_figure(di
         (tmp_path / folder).mkdir()
         picture.save(tmp_path / folder / "digit.png")
         paths.append(str(tmp_path / folder / "digit.png"))
-    out = inference.main(["--checkpoint", str(digits_checkpoint), "--output-dir", str(tmp_path / "out"), "--image", *paths])
+    out = inference.main(
+        ["--checkpoint", str(digits_checkpoint), "--output-dir", str(tmp_path / "out"), "--image", *paths]
+    )
     figures = [query["figure"] for query in out["queries"]]
     assert figures == [tmp_path / "out" / "retrieval_digit.png", tmp_path / "out" / "retrieval_digit-2.png"]
     assert all(figure.is_file() for figure in figures)

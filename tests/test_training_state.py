@@ -32,13 +32,17 @@ def test_the_moving_average_ramps_up_then_decays_at_its_rate():
     expected = 1 - 2 / 11
     for name, tensor in average.model.state_dict().items():
         if tensor.is_floating_point():
-            assert torch.allclose(tensor, torch.full_like(tensor, expected)), name  # weights and batch-norm statistics alike
+            assert torch.allclose(tensor, torch.full_like(tensor, expected)), (
+                name
+            )  # weights and batch-norm statistics alike
         else:
             assert torch.equal(tensor, torch.full_like(tensor, 7)), name  # the step counter is copied
     average.update(model, step=10_000)  # the ramp is long over: the decay rules
     weight = average.model.image_encoder.projection.weight
     assert torch.allclose(weight, torch.full_like(weight, 0.99 * expected + 0.01))
-    assert torch.equal(model.image_encoder.projection.weight, torch.ones_like(weight))  # the trained model is left alone
+    assert torch.equal(
+        model.image_encoder.projection.weight, torch.ones_like(weight)
+    )  # the trained model is left alone
 
 
 def test_a_decay_of_zero_keeps_the_latest_weights():
@@ -46,7 +50,10 @@ def test_a_decay_of_zero_keeps_the_latest_weights():
     average = train.MovingAverage(model, decay=0.0)
     for step, value in enumerate((3.0, -2.0), start=1):
         average.update(filled(model, value), step)
-        assert all(torch.equal(a, b) for a, b in zip(average.model.state_dict().values(), model.state_dict().values(), strict=True))
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(average.model.state_dict().values(), model.state_dict().values(), strict=True)
+        )
 
 
 def spy_on_new_run(monkeypatch) -> dict:
@@ -68,7 +75,9 @@ def test_each_checkpoint_key_holds_the_weights_it_names(runs_dir: Path, monkeypa
     for key, module in (("model", made["average"].model), ("training_model", made["state"].training_model)):
         assert saved[key].keys() == module.state_dict().keys()
         assert all(torch.equal(saved[key][name], value) for name, value in module.state_dict().items()), key
-    assert not torch.equal(saved["model"]["logit_scale"], saved["training_model"]["logit_scale"])  # two different things
+    assert not torch.equal(
+        saved["model"]["logit_scale"], saved["training_model"]["logit_scale"]
+    )  # two different things
     assert saved["optimizer"]["state"][0]["step"] == saved["step"] == 8
 
 
@@ -97,12 +106,15 @@ def test_the_validation_split_does_not_change_with_the_training_seed():
     seed_everything(2)
     second = load_splits("digits", "unused", val_size=300)
     assert torch.equal(first.val.images, second.val.images) and torch.equal(first.val.labels, second.val.labels)
-    assert not set(map(bytes, first.val.images.numpy())) & set(map(bytes, first.train.images.numpy()))  # held out from training
+    assert not set(map(bytes, first.val.images.numpy())) & set(
+        map(bytes, first.train.images.numpy())
+    )  # held out from training
 
 
 # -0.0001, not -1e-4, which argparse takes for a flag and refuses before the range is checked
 @pytest.mark.parametrize(
-    "flag, value", [("--ema-decay", "1"), ("--ema-decay", "-0.1"), ("--ema-decay", "1.5"), ("--weight-decay", "-0.0001")]
+    "flag, value",
+    [("--ema-decay", "1"), ("--ema-decay", "-0.1"), ("--ema-decay", "1.5"), ("--weight-decay", "-0.0001")],
 )
 def test_decays_outside_their_range_are_refused_with_usage(flag: str, value: str, capsys):
     with pytest.raises(SystemExit) as exit_info:

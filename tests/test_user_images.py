@@ -174,9 +174,20 @@ def untrained_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-def test_command_line_skips_bad_files_with_one_line_each_and_classifies_the_rest(picture_dir, untrained_checkpoint, tmp_path):
+def test_command_line_skips_bad_files_with_one_line_each_and_classifies_the_rest(
+    picture_dir, untrained_checkpoint, tmp_path
+):
     paths = [str(picture_dir / name) for name in CASES]
-    command = [sys.executable, "inference.py", "--checkpoint", str(untrained_checkpoint), "--output-dir", str(tmp_path), "--image", *paths]
+    command = [
+        sys.executable,
+        "inference.py",
+        "--checkpoint",
+        str(untrained_checkpoint),
+        "--output-dir",
+        str(tmp_path),
+        "--image",
+        *paths,
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stdout + result.stderr
@@ -187,7 +198,26 @@ def test_command_line_skips_bad_files_with_one_line_each_and_classifies_the_rest
 
 
 # Every mode Pillow can hold a picture in, common or not.
-MODES = ("1", "L", "P", "PA", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "I;16", "I;16B", "F")
+MODES = (
+    "1",
+    "L",
+    "P",
+    "PA",
+    "LA",
+    "La",
+    "RGB",
+    "RGBA",
+    "RGBa",
+    "RGBX",
+    "CMYK",
+    "YCbCr",
+    "LAB",
+    "HSV",
+    "I",
+    "I;16",
+    "I;16B",
+    "F",
+)
 
 
 @st.composite
@@ -197,7 +227,9 @@ def pictures(draw) -> Image.Image:
     n_bytes = len(Image.new(mode, size).tobytes())
     if n_bytes == 0:
         return Image.new(mode, size)
-    floats = st.lists(st.floats(width=32), min_size=size[0] * size[1], max_size=size[0] * size[1])  # NaN and infinities too
+    floats = st.lists(
+        st.floats(width=32), min_size=size[0] * size[1], max_size=size[0] * size[1]
+    )  # NaN and infinities too
     content = draw(
         st.one_of(
             st.binary(min_size=n_bytes, max_size=n_bytes),  # noise
@@ -226,7 +258,11 @@ def pictures_of_a_one(draw) -> Image.Image:
     mode = draw(st.sampled_from(("1", "L", "P", "LA", "RGB", "RGBA", "CMYK", "I", "I;16", "F")))
     size = (draw(st.integers(12, 60)), draw(st.integers(12, 60)))
     stroke = np.asarray(draw_one(Image.new("L", size, 0), 255)) > 0
-    full_scale = {"F": draw(st.sampled_from((1.0, 255.0))), "I": 65535, "I;16": draw(st.sampled_from((1023, 4095, 65535)))}.get(mode, 255)
+    full_scale = {
+        "F": draw(st.sampled_from((1.0, 255.0))),
+        "I": 65535,
+        "I;16": draw(st.sampled_from((1023, 4095, 65535))),
+    }.get(mode, 255)
     values = st.floats(0, full_scale) if mode == "F" else st.integers(0, full_scale)
     paper, ink = draw(values), draw(values)
     assume(abs(paper - ink) >= full_scale / 4 and (mode != "1" or abs(paper - ink) == 255))
@@ -251,7 +287,9 @@ def test_float_and_dim_16_bit_pictures_are_read_in_the_range_they_use(paper, ink
 @given(pictures_of_a_one())
 def test_a_picture_that_holds_a_digit_is_converted(image: Image.Image):
     digit = to_mnist_style(image)
-    assert digit.max() > 127 and digit[:, :4].max() == 0 and digit[:, -4:].max() == 0  # ink in the middle, none at the sides
+    assert (
+        digit.max() > 127 and digit[:, :4].max() == 0 and digit[:, -4:].max() == 0
+    )  # ink in the middle, none at the sides
 
 
 @settings(max_examples=300, deadline=None)  # no deadline: the shared CPU's speed varies

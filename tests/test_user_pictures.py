@@ -39,7 +39,9 @@ def model(mnist_checkpoint: Path):
 
 def draw_digit(digit: int, font, size: tuple[int, int], paper, ink, mode: str = "RGB") -> Image.Image:
     picture = Image.new(mode, size, paper)
-    ImageDraw.Draw(picture).text((size[0] / 2, size[1] / 2), str(digit), fill=ink, font=font(int(min(size) * 0.6)), anchor="mm")
+    ImageDraw.Draw(picture).text(
+        (size[0] / 2, size[1] / 2), str(digit), fill=ink, font=font(int(min(size) * 0.6)), anchor="mm"
+    )
     return picture
 
 
@@ -99,7 +101,9 @@ def test_every_kind_of_file_converts_like_the_plain_picture(name: str, tmp_path:
 
 def test_cli_prints_a_line_per_file_and_shows_what_the_model_saw(mnist_checkpoint: Path, tmp_path: Path, capsys):
     for digit in (3, 7):
-        draw_digit(digit, ImageFont.load_default, (200, 300), (240, 240, 230), (0, 0, 90)).save(tmp_path / f"my_{digit}.png")
+        draw_digit(digit, ImageFont.load_default, (200, 300), (240, 240, 230), (0, 0, 90)).save(
+            tmp_path / f"my_{digit}.png"
+        )
     out = inference.main(
         ["--checkpoint", str(mnist_checkpoint), "--dataset", "digits", "--output-dir", str(tmp_path / "out"), "--image"]
         + [str(tmp_path / f"my_{digit}.png") for digit in (3, 7)]
