@@ -39,7 +39,8 @@ class RunState:
     args: dict = field(metadata=SETTINGS)  # the settings of the process that saved it
     step: int  # optimizer steps taken
     epoch: int  # complete epochs
-    best_accuracy: float  # the best validation accuracy so far
+    best_score: float  # the best validation score so far: zero-shot accuracy, or RSum for photos
+    score_name: str  # which score that is: "accuracy" or "rsum" (tasks.py)
     history: list[dict]  # one entry per complete epoch
     training_model: nn.Module = field(metadata=FOR_RESUMING)  # the weights the optimizer steps
     optimizer: torch.optim.Optimizer = field(metadata=FOR_RESUMING)
@@ -63,6 +64,8 @@ class RunState:
             current = getattr(self, f.name)
             if hasattr(current, "load_state_dict"):
                 current.load_state_dict(state[f.name])
+            elif isinstance(current, torch.Tensor):  # on this run's device, whichever the file was loaded onto
+                setattr(self, f.name, state[f.name].to(current.device))
             else:
                 setattr(self, f.name, state[f.name])
 
@@ -101,7 +104,8 @@ class RandomState:
     def load_state_dict(self, states: dict) -> None:
         if states["device"] != self.device.type:  # another kind of generator: its state does not carry over
             print(
-                f"note: the run was trained on {states['device']}; on {self.device.type} its data order and augmentation continue differently"
+                f"note: the run was trained on {states['device']}; on {self.device.type} its data order and "
+                "augmentation continue differently"
             )
             return
         # Loading moved the states onto the device; a generator wants its state on the CPU.
@@ -111,7 +115,8 @@ class RandomState:
             self.augment.set_state(per_process[self.process.rank].cpu().clone())
         if len(per_process) != self.process.world_size:  # the global batches and their captions stay the run's
             print(
-                f"note: the run was trained by {len(per_process)} processes and continues on {self.process.world_size}: its augmentation continues differently"
+                f"note: the run was trained by {len(per_process)} processes and continues on "
+                f"{self.process.world_size}: its augmentation continues differently"
             )
         if "captions" in states:  # runs saved before captions were drawn have none
             self.captions.set_state(states["captions"].cpu())
@@ -155,16 +160,31 @@ def load_checkpoint(
             state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as error:
         raise CheckpointError(
-            f"{path} is damaged, or holds objects other than tensors and plain values (which could run code when loaded); refusing to load it"
+            f"{path} is damaged, or holds objects other than tensors and plain values (which could run code when "
+            "loaded); refusing to load it"
         ) from error
     except (
         Exception
     ) as error:  # a damaged file fails in torch.load as RuntimeError, EOFError, KeyError, ValueError and more
         raise CheckpointError(f"{path} is truncated or damaged, or not a checkpoint; use another checkpoint") from error
+    if isinstance(state, dict):
+        upgrade(state)
     missing = [key for key in keys if not isinstance(state, dict) or key not in state]
     if missing:
         raise CheckpointError(f"{path} is not a checkpoint written by train.py: it lacks {', '.join(missing)}")
     return state
+
+
+def upgrade(state: dict) -> None:
+    """Checkpoints written before photo collections were called --dataset photos kept their best score as
+    `best_accuracy` (RSum / 600 for photos): read them as today's."""
+    args = state.get("args")
+    if isinstance(args, dict) and args.get("dataset") == "captions":
+        args["dataset"] = "photos"
+    if "best_accuracy" in state and "best_score" not in state:
+        photos = isinstance(args, dict) and args.get("dataset") == "photos"
+        best = state.pop("best_accuracy")
+        state["best_score"], state["score_name"] = (600 * best, "rsum") if photos else (best, "accuracy")
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[CLIP, dict]:

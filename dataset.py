@@ -12,15 +12,12 @@ from __future__ import annotations
 import math
 import struct
 import urllib.error
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SIZE = 28
 # Mean and standard deviation of MNIST's training pixels, scaled to [0, 1].
@@ -56,10 +53,6 @@ TORCHVISION_NAMES = {"mnist": "MNIST", "fashion": "FashionMNIST"}
 
 class DataError(RuntimeError):
     """A data set cannot be loaded; the message says why and what to do."""
-
-
-class ImageError(ValueError):
-    """A picture cannot be turned into a digit; the message says why."""
 
 
 @dataclass
@@ -102,7 +95,7 @@ def load_splits(dataset: str, data_dir: str | Path, val_size: int, split_seed: i
 
 
 def load_idx_dataset(dataset: str, data_dir: str | Path) -> tuple[Split, Split]:
-    """MNIST's or Fashion-MNIST's 60,000 training and 10,000 test images via torchvision, downloading them when missing."""
+    """MNIST's or Fashion-MNIST's 60,000 training and 10,000 test images via torchvision, downloaded if missing."""
     import torchvision.datasets  # imported here: the offline data set does not need it
 
     name = TORCHVISION_NAMES[dataset]
@@ -146,13 +139,14 @@ def remove_failed_download(raw: Path, files_before: set[Path], folders_before: s
 
 
 def check_idx_files(raw: Path) -> None:
-    """Check the four IDX files of MNIST or Fashion-MNIST in `raw` from their headers and sizes; DataError naming a bad one."""
+    """Check the four IDX files of MNIST or Fashion-MNIST in `raw` by headers and sizes; DataError names a bad one."""
     for prefix in ("train", "t10k"):
         images, labels = raw / f"{prefix}-images-idx3-ubyte", raw / f"{prefix}-labels-idx1-ubyte"
         n_images, n_labels = check_idx_file(images, (IMAGE_SIZE, IMAGE_SIZE)), check_idx_file(labels, ())
         if n_images != n_labels:
             raise DataError(
-                f"{images} holds {n_images:,} images but {labels} {n_labels:,} labels; delete both to download them afresh"
+                f"{images} holds {n_images:,} images but {labels} {n_labels:,} labels; delete both to download them "
+                "afresh"
             )
 
 
@@ -231,7 +225,7 @@ def random_stroke_width(images: torch.Tensor, probability: float, generator: tor
     """Draw the strokes of each (N, H, W) uint8 image thicker or thinner, with the given probability,
     by a random amount of up to a pixel on each side: the image blended with its grey-scale dilation
     or erosion over 3x3 neighbourhoods. MNIST's writers used pens of much the same width; a finger,
-    a mouse or a marker draws wider or thinner (see user_style_digits.py)."""
+    a mouse or a marker draws wider or thinner (see pictures.py)."""
     u = torch.rand(2, images.shape[0], device=images.device, generator=generator)
     # -1: the thinnest, 0: as written, 1: the thickest. Every image is computed, the unchosen as written:
     # picking the chosen out would wait for the device once a step.
@@ -299,155 +293,7 @@ def random_erase(images: torch.Tensor, probability: float, generator: torch.Gene
     return images.masked_fill(inside_rows & inside_cols & (u[4] < probability)[:, None, None], 0)
 
 
-@dataclass
-class PhotoAugmentation:
-    """How training photos are varied, each its own way, on the device: a random part of the
-    photo, stretched back to full size (random resized crop), mirrored half of the time."""
-
-    crop_area: float = 0.5  # the smallest share of the photo a crop keeps; 1: no cropping
-    flip: bool = True
-
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return random_resized_crop(images, self.crop_area, self.flip, generator)
-
-
-def random_resized_crop(images: torch.Tensor, min_area: float, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Each (N, C, H, W) uint8 image's own random crop, of `min_area` to all of its area and an aspect
-    ratio of 3/4 to 4/3 (torchvision's RandomResizedCrop, without its retries), resized to H x W;
-    mirrored left to right with probability 1/2 if `flip`."""
-    n, _, h, w = images.shape
-    u = torch.rand(5, n, device=images.device, generator=generator)
-    area = min_area + (1 - min_area) * u[0]
-    # Within [area, 1 / area] the crop fits inside the photo, where torchvision would draw again.
-    aspect = torch.exp(math.log(3 / 4) + u[1] * math.log(16 / 9)).clamp(min=area, max=1 / area)
-    width, height = (area * aspect).sqrt(), (area / aspect).sqrt()  # shares of the side
-    # affine_grid maps each output pixel to where it is read from, in [-1, 1] image coordinates.
-    centre_x, centre_y = (2 * u[2] - 1) * (1 - width), (2 * u[3] - 1) * (1 - height)
-    mirror = torch.where(u[4] < 0.5, -1.0, 1.0) if flip else torch.ones(n, device=images.device)
-    zero = torch.zeros(n, device=images.device)
-    theta = torch.stack(
-        [torch.stack([width * mirror, zero, centre_x], dim=1), torch.stack([zero, height, centre_y], dim=1)], dim=1
-    )
-    grid = F.affine_grid(theta, [n, 1, h, w], align_corners=False)
-    cropped = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return cropped.round().clamp(0, 255).to(torch.uint8)
-
-
 def shuffled_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
     """The indices of each full batch of a random order of n items, on the generator's device."""
     order = torch.randperm(n, device=generator.device, generator=generator)
     return (order[start : start + batch_size] for start in range(0, n - batch_size + 1, batch_size))
-
-
-def load_user_image(path: Path, dataset: str = "mnist") -> torch.Tensor:
-    """An image file -> (28, 28) uint8 in the style of the data set's images; ImageError with the reason when impossible."""
-    return in_style_of(dataset)(read_image_file(path))
-
-
-def in_style_of(dataset: str) -> Callable[[Image.Image], torch.Tensor]:
-    """The conversion that turns a user's picture into an image like the data set's."""
-    return to_fashion_style if dataset == "fashion" else to_mnist_style
-
-
-def read_image_file(path: Path) -> Image.Image:
-    """Decode an image file whole (an animation's first frame); ImageError with the reason when impossible."""
-    if path.is_dir():
-        raise ImageError("it is a folder, not an image file")
-    try:
-        with warnings.catch_warnings():
-            # Pillow refuses more than twice MAX_IMAGE_PIXELS but only warns above it: refuse both, before decoding.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                image.load()
-                return image
-    except (FileNotFoundError, PermissionError) as error:
-        raise ImageError(f"cannot open it: {error.strerror}") from error
-    except UnidentifiedImageError as error:
-        raise ImageError("not a picture: the file is empty or of a kind Pillow cannot read") from error
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageError(
-            f"refused: more than {Image.MAX_IMAGE_PIXELS:,} pixels, too large for a digit (a decompression bomb?)"
-        ) from error
-    except Exception as error:  # Pillow reports damaged data as OSError, SyntaxError, ValueError, struct.error and more
-        raise ImageError(f"the picture is damaged or truncated ({type(error).__name__}: {error})") from error
-
-
-def bright_on_black(image: Image.Image, thing: str) -> np.ndarray:
-    """A PIL picture of one thing (a digit, a garment), dark on light or light on dark, any size and
-    mode -> (H, W) float in [0, 1]: the thing bright on black, as MNIST and Fashion-MNIST hold them,
-    cropped to it. ImageError says why when no `thing` is to be found."""
-    if image.width == 0 or image.height == 0:
-        raise ImageError(f"the picture has no pixels ({image.width}x{image.height})")
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        # 16- and 32-bit grey, mapped onto 8 bits by the range its values use: [0, 1] for a float
-        # picture within it, else the smallest 2^n - 1 (n >= 8) that holds its brightest pixel, so
-        # that a dim 10- or 12-bit scan stored in 16 bits is not read as blank. NaN is paper.
-        with np.errstate(invalid="ignore"):  # converting a signalling NaN warns; it is paper all the same
-            values = np.asarray(image).astype(np.float64)
-        peak = values[np.isfinite(values)].max(initial=0.0)
-        full_scale = 1.0 if image.mode == "F" and peak <= 1 else max(255.0, 2.0 ** np.ceil(np.log2(peak + 1)) - 1)
-        pixels = np.nan_to_num(values, nan=0.0, posinf=full_scale, neginf=0.0).clip(0, full_scale) * (
-            255.0 / full_scale
-        )
-    else:
-        try:
-            rgba = image.convert("RGBA")  # every other mode, transparency included
-        except ValueError as error:
-            raise ImageError(
-                f"pictures in colour mode {image.mode} are not supported: save it as PNG or JPEG"
-            ) from error
-        # Transparent pixels are paper: composite onto white.
-        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        pixels = np.asarray(Image.alpha_composite(paper, rgba).convert("L"), dtype=np.float64)
-    background = np.median(
-        np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    )  # the paper, at the border
-    if background - pixels.min() > pixels.max() - background:  # darker than the paper: make it the bright part
-        pixels, background = 255.0 - pixels, 255.0 - background
-    contrast = pixels.max() - background
-    if contrast < 32:
-        raise ImageError(f"no {thing} found: the picture is blank or has too little contrast")
-    bright = np.clip((pixels - background) / contrast, 0.0, 1.0)
-    rows, cols = np.nonzero(bright > 0.2)
-    return bright[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
-
-
-def resized(picture: np.ndarray, longest: int) -> np.ndarray:
-    """(H, W) in [0, 1] -> scaled to `longest` pixels on its longer side, keeping its aspect ratio, in [0, 255]."""
-    height, width = picture.shape
-    scale = longest / max(height, width)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.asarray(
-        Image.fromarray((picture * 255).astype(np.uint8)).resize(size, Image.Resampling.LANCZOS), dtype=np.float64
-    )
-
-
-def placed(picture: np.ndarray, top: float, left: float) -> torch.Tensor:
-    """`picture` put on a black 28x28 canvas at (top, left), rounded and kept inside, as uint8."""
-    top = int(np.clip(round(top), 0, IMAGE_SIZE - picture.shape[0]))
-    left = int(np.clip(round(left), 0, IMAGE_SIZE - picture.shape[1]))
-    canvas = np.zeros((IMAGE_SIZE, IMAGE_SIZE))
-    canvas[top : top + picture.shape[0], left : left + picture.shape[1]] = picture
-    return torch.from_numpy(canvas.clip(0, 255).round().astype(np.uint8))
-
-
-def to_mnist_style(image: Image.Image) -> torch.Tensor:
-    """A PIL image of a digit -> (28, 28) uint8 as MNIST was made: white ink on black, the ink
-    fitted into 20x20 keeping its aspect ratio and centred by its centre of mass.
-    ImageError says why when there is no digit to be found."""
-    digit = resized(bright_on_black(image, "digit"), 20)
-    total = digit.sum()
-    if total == 0:
-        raise ImageError("no digit found: the ink vanished when scaled to 20x20")
-    grid_rows, grid_cols = np.indices(digit.shape)
-    com_row, com_col = (grid_rows * digit).sum() / total, (grid_cols * digit).sum() / total
-    return placed(digit, IMAGE_SIZE / 2 - com_row, IMAGE_SIZE / 2 - com_col)
-
-
-def to_fashion_style(image: Image.Image) -> torch.Tensor:
-    """A PIL photo of one garment -> (28, 28) uint8 as Fashion-MNIST was made: grey, the garment
-    bright on black, its longer side scaled to 28 pixels and centred. ImageError says why when
-    there is nothing to be found."""
-    garment = resized(bright_on_black(image, "garment"), IMAGE_SIZE)
-    return placed(garment, (IMAGE_SIZE - garment.shape[0]) / 2, (IMAGE_SIZE - garment.shape[1]) / 2)

@@ -25,11 +25,13 @@ from PIL import Image
 
 from checkpoint import CheckpointError, latest_run, load_model
 from clip import CLIP
-from dataset import CLASS_NAMES, DataError, ImageError, in_style_of, load_splits, read_image_file
+from dataset import CLASS_NAMES, DataError, load_splits
+from embeddings import Classes, caption_cut_note, class_embeddings, class_probabilities, embed_images
 from evaluation import Gallery, nearest_images
-from inference import Classes, caption_cut_note, class_probabilities, nearest_to_caption
+from labelled import nearest_to_caption
+from pictures import ImageError, in_style_of, read_image_file
 from text_encoder import TextError
-from utils import PRECISIONS, class_embeddings, embed_images, resolve_precision, settle_device
+from utils import PRECISIONS, resolve_precision, settle_device
 
 MAX_PICTURE_BYTES = (
     20 * 2**20
@@ -112,7 +114,8 @@ def load_reader(args: argparse.Namespace) -> Reader:
     print(f"loaded {checkpoint} (epoch {state['epoch']}); {why}; {len(test):,} test images embedded")
     if dataset == "mnist" and not state["args"].get("stroke"):
         print(
-            "this model knows MNIST's pen strokes only: one trained with `python train.py --stroke 0.5` reads drawings better"
+            "this model knows MNIST's pen strokes only: one trained with `python train.py --stroke 0.5` reads "
+            "drawings better"
         )
     return Reader(model, precision, gallery, Classes(list(CLASS_NAMES[dataset]), gallery.text_features), dataset)
 

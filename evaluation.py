@@ -10,25 +10,21 @@ from pathlib import Path
 import torch
 
 import figures
-import user_style_digits
 from captions import ATTRIBUTE_WORDS
 from dataset import Split
 from metrics import (
     caption_retrieval,
     centred,
     evaluate_embeddings,
-    image_caption_retrieval,
     mean_of_present,
-    rsum_line,
     zero_shot_classification,
 )
+from pictures import describe_user_style
 
 TOP_K = 5  # neighbours shown for a query
 SIMILARITY_ROWS = 12  # images in the similarity matrix figure
 TSNE_POINTS = 2000  # t-SNE takes minutes on all 10,000 test images; a subsample shows the same clusters
 MISCLASSIFIED_SHOWN = 50
-CAPTION_QUERIES = 8  # captions whose nearest photos --evaluate draws, for a collection of captioned photos
-TSNE_PHOTOS = 300  # photos drawn in its t-SNE, with their captions
 
 
 @dataclass
@@ -59,7 +55,7 @@ class Gallery:
     )  # name -> (10, D), each digit's captions averaged
     prompts: dict[str, torch.Tensor] = field(default_factory=dict)  # free text -> (D,)
     attribute_queries: CaptionQueries | None = None
-    # For a model trained on MNIST: how it reads handwriting from other writers (user_style_digits.score).
+    # For a model trained on MNIST: how it reads handwriting from other writers (pictures.score_user_style).
     user_style: dict | None = None
 
 
@@ -98,7 +94,8 @@ def print_captions(results: dict) -> None:
         print(f"  zero-shot with the {name}: {accuracy:.2%}")
     for name, group in results.get("attribute_retrieval", {}).items():
         print(
-            f"attribute retrieval, {name} (digit, attribute) combinations: precision@10 {group['precision@10']:.2%} (chance {group['chance']:.2%}; {group['captions']} captions)"
+            f"attribute retrieval, {name} (digit, attribute) combinations: precision@10 {group['precision@10']:.2%} "
+            f"(chance {group['chance']:.2%}; {group['captions']} captions)"
         )
 
 
@@ -140,13 +137,17 @@ def print_metrics(metrics: dict, n_images: int, names: tuple[str, ...]) -> None:
     print(f"  mean rank of the first correct image {text_to_image['mean_first_correct_rank']:.2f}")
     gap = metrics["modality_gap"]
     print(
-        f"  modality gap: each caption lies {mean_of_present(gap['caption_to_centroid']):.3f} (cosine distance) from its class's image centroid, "
-        f"its images {mean_of_present(gap['image_to_centroid']):.3f}; the images a caption retrieves are more typical than "
-        f"{100 - gap['mean_returned_percentile']:.0f}% of their class ({100 - gap['mean_returned_percentile_by_cosine']:.0f}% by plain cosine)"
+        f"  modality gap: each caption lies {mean_of_present(gap['caption_to_centroid']):.3f} (cosine distance) from "
+        "its class's image centroid, "
+        f"its images {mean_of_present(gap['image_to_centroid']):.3f}; the images a caption retrieves are more "
+        "typical than "
+        f"{100 - gap['mean_returned_percentile']:.0f}% of their class "
+        f"({100 - gap['mean_returned_percentile_by_cosine']:.0f}% by plain cosine)"
     )
     image_to_text, similarity = metrics["image_to_text"], metrics["similarity"]
     print(
-        f"image-to-text: recall@1 {image_to_text['recall@1']:.2%}, mean rank of the correct class {image_to_text['mean_rank']:.3f}"
+        f"image-to-text: recall@1 {image_to_text['recall@1']:.2%}, mean rank of the correct class "
+        f"{image_to_text['mean_rank']:.3f}"
     )
     print(
         f"cosine similarity: matching image-text pairs {similarity['matching']:+.3f}, "
@@ -165,7 +166,7 @@ def evaluate(gallery: Gallery, state: dict, output_dir: Path) -> dict:
     print_captions(metrics)
     if gallery.user_style is not None:
         metrics["user_style_digits"] = gallery.user_style
-        print(user_style_digits.describe(gallery.user_style))
+        print(describe_user_style(gallery.user_style))
     suffix = "" if gallery.name == "test" else "_val"
     output_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = output_dir / f"metrics{suffix}.json"
@@ -263,97 +264,7 @@ def evaluate(gallery: Gallery, state: dict, output_dir: Path) -> dict:
     )
     writer.close()
     print(
-        f"metrics in {metrics_path}, figures in {figure_dir}/, embeddings in TensorBoard: tensorboard --logdir {output_dir}"
-    )
-    return metrics
-
-
-@dataclass
-class PhotoGallery:
-    """A split of captioned photos (caption_data.CaptionedPhotos) and its embeddings: what --evaluate
-    measures, and what inference.py retrieves from, for a model trained on such a collection."""
-
-    name: str  # "test" or "validation"
-    photos: object  # caption_data.CaptionedPhotos
-    image_features: torch.Tensor  # (N, D), unit norm
-    caption_features: torch.Tensor  # (K, D), unit norm, one row per caption
-    caption_text: torch.Tensor  # (K,) an id of each caption's text: identical texts share one
-
-    def relevant(self, texts: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        """Whether each image of `images` (Q, k) has a caption of text `texts[q]`, (Q, k) bool."""
-        owns = torch.zeros(
-            len(self.photos), int(self.caption_text.max()) + 1, dtype=torch.bool, device=self.caption_text.device
-        )
-        owns[self.photos.caption_image.to(owns.device), self.caption_text] = True
-        return owns[images, texts[:, None]]
-
-
-def evaluate_photos(gallery: PhotoGallery, state: dict, output_dir: Path) -> dict:
-    """Every retrieval metric of a collection's split, printed and written to output_dir/metrics.json
-    (metrics_val.json), and its figures in output_dir/evaluation/ (evaluation_val/) and TensorBoard:
-    the photos nearest to a few of the split's captions, a t-SNE of photos among their captions,
-    and the training curves."""
-    photos = gallery.photos
-    caption_image = photos.caption_image.to(gallery.caption_text.device)
-    metrics = image_caption_retrieval(
-        gallery.image_features, gallery.caption_features, caption_image, gallery.caption_text
-    )
-    print(f"{gallery.name} retrieval ({len(photos):,} photos, {len(photos.captions):,} captions): {rsum_line(metrics)}")
-    similarity = metrics["similarity"]
-    print(
-        f"cosine similarity: a photo and its captions {similarity['matching']:+.3f}, other pairs {similarity['non_matching']:+.3f}, gap {similarity['gap']:.3f}"
-    )
-    suffix = "" if gallery.name == "test" else "_val"
-    output_dir.mkdir(parents=True, exist_ok=True)
-    metrics_path = output_dir / f"metrics{suffix}.json"
-    metrics_path.write_text(json.dumps({"split": gallery.name, **metrics}, indent=2))
-
-    from torch.utils.tensorboard import SummaryWriter  # imported here, as in evaluate()
-
-    figure_dir, step = output_dir / f"evaluation{suffix}", state["step"]
-    writer = SummaryWriter(str(output_dir))
-
-    def save(figure, name: str) -> None:
-        figures.save(figure, figure_dir / f"{name}.png", writer, f"{figure_dir.name}/{name}", step)
-
-    # The first caption of photos spread evenly over the split.
-    queried_photos = (
-        torch.linspace(0, len(photos) - 1, min(CAPTION_QUERIES, len(photos))).round().long().to(caption_image.device)
-    )
-    queries = torch.stack([(caption_image == photo).nonzero()[0, 0] for photo in queried_photos])
-    top = (gallery.caption_features[queries] @ gallery.image_features.T).topk(min(TOP_K, len(photos)))
-    relevant = gallery.relevant(gallery.caption_text[queries], top.indices)
-    shown = photos.images[top.indices.cpu()]
-    save(
-        figures.plot_caption_retrieval(
-            [photos.captions[q] for q in queries.tolist()], shown, top.values.cpu(), relevant.cpu()
-        ),
-        "text_retrieval",
-    )
-
-    sample = torch.randperm(len(photos), generator=torch.Generator().manual_seed(0))[:TSNE_PHOTOS].to(
-        caption_image.device
-    )
-    in_sample = torch.isin(caption_image, sample)
-    # Renumbered: the sampled photos are 0..S-1 in the figure.
-    renumbered = torch.full((len(photos),), -1, dtype=torch.long, device=caption_image.device)
-    renumbered[sample] = torch.arange(len(sample), device=caption_image.device)
-    figure = figures.plot_caption_tsne(
-        gallery.image_features[sample].cpu(),
-        gallery.caption_features[in_sample].cpu(),
-        renumbered[caption_image[in_sample]].cpu(),
-        photos.images[sample.cpu()],
-    )
-    save(figure, "tsne")
-    save(figures.plot_training_curves(state["history"]), "training_curves")
-    writer.add_embedding(
-        gallery.image_features[sample],
-        label_img=photos.images[sample.cpu()].float() / 255,
-        global_step=step,
-        tag=f"{gallery.name}_photos",
-    )
-    writer.close()
-    print(
-        f"metrics in {metrics_path}, figures in {figure_dir}/, embeddings in TensorBoard: tensorboard --logdir {output_dir}"
+        f"metrics in {metrics_path}, figures in {figure_dir}/, embeddings in TensorBoard: tensorboard --logdir "
+        f"{output_dir}"
     )
     return metrics

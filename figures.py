@@ -8,11 +8,15 @@ as in MNIST. Wrong digits, and images a caption does not describe, are red.
 
 from __future__ import annotations
 
+import hashlib
+import re
 import textwrap
 import warnings
 from pathlib import Path
 
 import matplotlib
+
+from text_encoder import normalize_text
 
 matplotlib.use("Agg")  # figures are saved, never shown: works without a display
 import matplotlib.pyplot as plt
@@ -270,8 +274,10 @@ def plot_caption_tsne(
     axis.legend(loc="upper right", fontsize=8, markerscale=2)
     how = ", each modality centred" if centre else ""
     axis.set_title(
-        f"t-SNE of {n:,} image and {k:,} caption embeddings{how}; lines join {len(shown)} images to their own captions.\n"
-        "t-SNE keeps neighbourhoods: an image among its captions is matched, but sizes and gaps between groups mean little",
+        f"t-SNE of {n:,} image and {k:,} caption embeddings{how}; lines join {len(shown)} images to their own "
+        "captions.\n"
+        "t-SNE keeps neighbourhoods: an image among its captions is matched, but sizes and gaps between groups mean "
+        "little",
         fontsize=9,
     )
     axis.set_xticks([])
@@ -364,7 +370,10 @@ def plot_predictions(names: list[str], images: torch.Tensor, probabilities: torc
         bar_axis.set_xticks(range(len(classes)), classes, fontsize=8)
         bar_axis.set_ylim(1e-4, 1)
         bar_axis.set_ylabel("probability", fontsize=8)
-        title = f"predicted {classes[predicted]} (p={top2.values[0]:.3f}), runner-up {classes[runner_up]} (p={top2.values[1]:.3f})"
+        title = (
+            f"predicted {classes[predicted]} (p={top2.values[0]:.3f}), "
+            f"runner-up {classes[runner_up]} (p={top2.values[1]:.3f})"
+        )
         bar_axis.set_title(title, fontsize=9)
     figure.tight_layout()
     return figure
@@ -387,3 +396,11 @@ def plot_attribute_bins(images: torch.Tensor, properties: torch.Tensor, words: d
         axes[row, 0].set_title(f"{attribute}: {words[attribute][b]}", fontsize=9, loc="left")
     figure.tight_layout()
     return figure
+
+
+def caption_slug(text: str) -> str:
+    """A file name of the caption's letters and digits; where that drops anything, a hash keeps two captions apart."""
+    slug = re.sub(r"[^0-9a-z]+", "-", normalize_text(text)).strip("-")[:40]
+    if slug != normalize_text(text).replace(" ", "-"):
+        slug = f"{slug or 'caption'}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"
+    return slug

@@ -103,7 +103,8 @@ def load_torchvision_weights(encoder: nn.Module, path: Path) -> list[str]:
     missing = sorted(set(own) - set(fitting))
     if any(not name.startswith(("fc.", "conv1.")) for name in missing):
         raise WeightsError(
-            f"--pretrained-weights {path} is not torchvision's resnet18: it lacks {', '.join(n for n in missing if not n.startswith(('fc.', 'conv1.')))[:200]}"
+            f"--pretrained-weights {path} is not torchvision's resnet18: it lacks "
+            f"{', '.join(n for n in missing if not n.startswith(('fc.', 'conv1.')))[:200]}"
         )
     encoder.load_state_dict(fitting, strict=False)
     return missing

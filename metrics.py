@@ -368,11 +368,12 @@ def image_caption_retrieval(
 
 
 def rsum_line(result: dict) -> str:
-    """One line of `image_caption_retrieval`'s result, to print: RSum, then each direction's recalls in % and median rank."""
+    """One line of `image_caption_retrieval`'s result: RSum, then each direction's recalls in % and median rank."""
     ats = "/".join(map(str, RECALL_AT))
 
     def direction(name: str, ranks: dict) -> str:
         recalls = "/".join(f"{100 * ranks[f'recall@{at}']:.1f}" for at in RECALL_AT)
         return f"{name} R@{ats} {recalls}% (median rank {ranks['median_rank']:g})"
 
-    return f"RSum {result['rsum']:.1f}; {direction('image→text', result['image_to_text'])}; {direction('text→image', result['text_to_image'])}"
+    both_ways = [direction("image→text", result["image_to_text"]), direction("text→image", result["text_to_image"])]
+    return f"RSum {result['rsum']:.1f}; {'; '.join(both_ways)}"

@@ -12,10 +12,6 @@ import sys
 import numpy as np
 import torch
 
-from dataset import normalize
-from distributed import ONE_PROCESS, Process, gathered_parts, part
-from metrics import image_caption_retrieval, zero_shot_classification
-
 
 def positive_int(text: str) -> int:
     value = int(text)
@@ -187,72 +183,9 @@ class GracefulStop:
         self.received = signal.Signals(number)
         if self.second_stops_at_once:
             print(
-                f"\n{self.received.name}: stopping after this training step, which is saved; Ctrl-C again stops at once, unsaved",
+                f"\n{self.received.name}: stopping after this training step, which is saved; Ctrl-C again stops at "
+                "once, unsaved",
                 file=sys.stderr,
             )
         else:
             print(f"\n{self.received.name}: stopping at the next log step, which is saved", file=sys.stderr)
-
-
-@torch.inference_mode()
-def embed_images(model, images: torch.Tensor, precision: str = "fp32", batch_size: int = 1000) -> torch.Tensor:
-    """(N, 28, 28) or (N, 3, H, W) uint8 images -> (N, embed_dim) unit-norm fp32 embeddings, in eval mode."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    chunks = []
-    for start in range(0, len(images), batch_size):
-        batch = normalize(images[start : start + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
-            chunks.append(model.encode_image(batch))
-    model.train(was_training)
-    return torch.cat(chunks)
-
-
-@torch.inference_mode()
-def class_embeddings(model) -> torch.Tensor:
-    """(C, embed_dim) unit-norm embeddings of the classes, each the mean of its captions (CLIP.encode_classes)."""
-    return model.encode_classes()
-
-
-def zero_shot_accuracy(model, images: torch.Tensor, labels: torch.Tensor, precision: str = "fp32") -> float:
-    """Share of images whose most similar digit caption is their own label, as metrics.py counts it."""
-    image_features = embed_images(model, images, precision)
-    return zero_shot_classification(image_features, class_embeddings(model), labels.to(image_features.device))[
-        "top1_accuracy"
-    ]
-
-
-@torch.inference_mode()
-def embed_texts(model, texts: list[str], batch_size: int = 1000) -> torch.Tensor:
-    """Captions -> (N, embed_dim) unit-norm fp32 embeddings, in batches."""
-    device = model.logit_scale.device
-    return torch.cat(
-        [
-            model.encode_text(model.tokenize(texts[start : start + batch_size]).to(device))
-            for start in range(0, len(texts), batch_size)
-        ]
-    )
-
-
-def embed_captions(model, captions: list[str], process: Process = ONE_PROCESS) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every caption of a split -> (K, embed_dim) unit-norm embeddings and (K,) an id of each caption's text:
-    identical texts share one id (and are embedded once), as training treats them as the same caption.
-    Among several processes, each embeds its part of the texts, and every process gets them all."""
-    distinct = sorted(set(captions))
-    text_ids = {text: index for index, text in enumerate(distinct)}
-    caption_text = torch.tensor([text_ids[caption] for caption in captions])
-    features = gathered_parts(embed_texts(model, distinct[part(len(distinct), process)]), len(distinct), process)
-    return features[caption_text.to(features.device)], caption_text.to(features.device)
-
-
-def retrieval_scores(model, photos, precision: str = "fp32", process: Process = ONE_PROCESS) -> dict:
-    """Image-to-text and text-to-image retrieval over a split of captioned photos (caption_data.CaptionedPhotos),
-    as metrics.image_caption_retrieval measures it. Among several processes, each embeds its part of the
-    photos and of the captions, and every process ranks them all: a rank depends on every item."""
-    caption_features, caption_text = embed_captions(model, photos.captions, process)
-    mine = part(len(photos), process)
-    image_features = gathered_parts(embed_images(model, photos.images[mine], precision), len(photos), process)
-    return image_caption_retrieval(
-        image_features, caption_features, photos.caption_image.to(caption_text.device), caption_text
-    )

@@ -1,14 +1,14 @@
 """benchmark.py's measurements of one training run."""
 
-import argparse
 from pathlib import Path
 
 import pytest
 
-import benchmark
+import labelled
 import train
 from clip import CLIP, CLIPConfig
 from dataset import load_splits
+from tools import benchmark
 
 TINY_DIGITS = ["--image-widths", "8,16", "--embed-dim", "16", "--batch-size", "128", "--epochs", "3"]
 
@@ -16,12 +16,10 @@ TINY_DIGITS = ["--image-widths", "8,16", "--embed-dim", "16", "--batch-size", "1
 def test_training_speed_counts_every_epoch_trained_not_only_those_up_to_the_best(tmp_path: Path, monkeypatch):
     # Validation is best after the first of three epochs, so best.pt's history holds that epoch alone.
     validation_then_test = iter([0.9, 0.5, 0.4, 0.8])
-    monkeypatch.setattr(train, "zero_shot_accuracy", lambda *args: next(validation_then_test))
-    monkeypatch.setitem(benchmark.SETTINGS, "default", TINY_DIGITS)
+    monkeypatch.setattr(labelled, "zero_shot_accuracy", lambda *args: next(validation_then_test))
     splits = load_splits("digits", "unused", val_size=300)
-    run = benchmark.run_project(
-        "default", 0, argparse.Namespace(dataset="digits", data_dir="unused"), tmp_path, splits.test, "fp32", None
-    )
+    result = train.main(["--dataset", "digits", *TINY_DIGITS, "--runs-dir", str(tmp_path), "--run-name", "run"])
+    run = benchmark.measure(tmp_path / "run", result, splits.test, "fp32", None)
     assert len(run["curve"]) == 1
     trained_images = 3 * (len(splits.train) // 128) * 128  # three epochs of full batches
     assert run["train_images_per_second"] * run["train_seconds"] == pytest.approx(trained_images)

@@ -24,7 +24,7 @@ def small_checkpoint() -> dict:
         "model": CLIP(SMALL).state_dict(),
         "config": SMALL.to_dict(),
         "epoch": 1,
-        "best_accuracy": 0.5,
+        "best_score": 0.5,
         "dataset": "digits",
     }
 
@@ -100,10 +100,29 @@ def inference_checkpoint() -> dict:
         "step": 10,
         "history": [],
         "epoch": 1,
-        "best_accuracy": 0.5,
+        "best_score": 0.5,
+        "score_name": "accuracy",
     }
     assert set(state) == set(RunState.keys(resuming=False))
     return state
+
+
+@pytest.mark.parametrize(
+    "dataset, best_accuracy, expected",
+    [("mnist", 0.99, ("mnist", 0.99, "accuracy")), ("captions", 0.5, ("photos", 300.0, "rsum"))],
+)
+def test_a_checkpoint_written_before_best_score_loads_with_its_score_named(
+    tmp_path: Path, dataset: str, best_accuracy: float, expected: tuple
+):
+    # Earlier checkpoints kept best_accuracy (RSum / 600 for photos) and called photo collections "captions".
+    state = inference_checkpoint()
+    del state["best_score"], state["score_name"]
+    state |= {"best_accuracy": best_accuracy, "args": {"dataset": dataset}}
+    torch.save(state, tmp_path / "old.pt")
+    loaded = load_model(tmp_path / "old.pt")[1]
+    name, score, score_name = expected
+    assert (loaded["args"]["dataset"], loaded["score_name"]) == (name, score_name)
+    assert loaded["best_score"] == pytest.approx(score)
 
 
 # name -> how a checkpoint that loads as a dict still cannot give a model, and what the error says

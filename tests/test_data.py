@@ -18,9 +18,8 @@ from dataset import (
     random_affine,
     random_erase,
     random_stroke_width,
-    to_fashion_style,
-    to_mnist_style,
 )
+from pictures import to_fashion_style, to_mnist_style
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

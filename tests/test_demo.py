@@ -27,7 +27,7 @@ from test_text import TEXT_MODEL
 from test_user_images import huge_png
 
 import train
-from dataset import load_user_image, to_mnist_style
+from pictures import load_user_image, to_mnist_style
 
 REPO = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI") == "true"

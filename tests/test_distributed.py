@@ -18,15 +18,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from test_train_inference import TINY, flatten
 
-import export_captions
 import inference
 import train
-from caption_data import load_caption_collection
 from checkpoint import load_checkpoint, load_model
 from clip import CLIP, CLIPConfig, clip_loss
 from distributed import ONE_PROCESS, Process, gathered_parts, local_clip_loss, mean, mean_of_parts, part, shard, wrap
+from embeddings import retrieval_scores
+from photo_files import load_collection
 from text_encoder import DIGIT_CAPTIONS
-from utils import retrieval_scores
+from tools import export_photos
 
 GLOBAL_BATCH, DIM, WORLD_SIZE = 8, 6, 2
 LABELS = torch.tensor([0, 1, 0, 2, 1, 1, 3, 0])  # repeated classes: several positives per row
@@ -245,8 +245,8 @@ def test_two_processes_stopped_by_sigterm_save_once_and_resume_to_the_uninterrup
 
 
 def test_two_processes_score_retrieval_on_captioned_photos_as_one_process_does(tmp_path: Path):
-    exported = export_captions.export("digits", "flickr8k", tmp_path / "digits")  # 360 photos, 5 captions each
-    photos = ["--dataset", "captions", "--data-dir", str(exported.folder), "--cache-dir", str(tmp_path / "cache")]
+    exported = export_photos.export("digits", "flickr8k", tmp_path / "digits")  # 360 photos, 5 captions each
+    photos = ["--dataset", "photos", "--data-dir", str(exported.folder), "--cache-dir", str(tmp_path / "cache")]
     small = [
         "--image-size",
         "28",
@@ -264,7 +264,7 @@ def test_two_processes_score_retrieval_on_captioned_photos_as_one_process_does(t
     )
     assert result.returncode == 0, result.stderr[-3000:]
     collection, (model, best) = (
-        load_caption_collection(exported.folder, 28, tmp_path / "cache"),
+        load_collection(exported.folder, 28, tmp_path / "cache"),
         load_model(tmp_path / "run" / "best.pt"),
     )
     assert best["history"][0]["val_rsum"] == pytest.approx(retrieval_scores(model, collection.val)["rsum"], abs=1e-9)

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from clip import CLIP, CLIPConfig
-from dataset import PHOTO_MEAN, PHOTO_STD, normalize, random_resized_crop
+from dataset import PHOTO_MEAN, PHOTO_STD, normalize
 from image_encoder import WeightsError, load_torchvision_weights, resnet18
+from photos import random_resized_crop
 
 
 @pytest.mark.parametrize("size, stem_stride, pooled", [(32, 1, False), (128, 2, True)])

@@ -119,7 +119,8 @@ def test_text_to_image_matches_a_hand_computed_case():
     assert result["precision@2"] == pytest.approx((1 / 2 + 0) / 2)
     assert result["recall@4"] == pytest.approx(1.0)
     assert result["mean_first_correct_rank"] == pytest.approx(2.0)
-    # The averages are exactly what metrics.json reports; first_correct_rank is averaged only as mean_first_correct_rank.
+    # The averages are exactly what metrics.json reports; first_correct_rank is averaged only as
+    # mean_first_correct_rank.
     assert set(result) == {f"{name}@{k}" for name in ("precision", "recall") for k in (1, 2, 4)} | {
         "mean_first_correct_rank",
         "per_digit",
@@ -254,7 +255,8 @@ def test_evaluate_embeddings_groups_each_measurement_under_its_metrics_json_name
     # name, on the given embeddings, with text-to-image ranked both by centred embeddings and by the plain cosine.
     generator = torch.Generator().manual_seed(0)
     labels = torch.arange(3).repeat_interleave(4)
-    # Images and captions in cones of their own (offsets along opposite ways of a fourth axis), as a CLIP model makes them.
+    # Images and captions in cones of their own (offsets along opposite ways of a fourth axis), as a CLIP model makes
+    # them.
     images = F.normalize(
         F.one_hot(labels, 4) + 0.5 * torch.randn(12, 4, generator=generator) + torch.tensor([0, 0, 0, 2.0]), dim=1
     )
@@ -346,7 +348,7 @@ def random_collection(n_images: int, seed: int) -> tuple[torch.Tensor, torch.Ten
 
 
 def ranks_by_definition(similarities: torch.Tensor, relevant: torch.Tensor) -> list[int]:
-    """Each row's rank, one query at a time: 1 + the non-relevant items scoring at least as high as its best relevant one."""
+    """Each row's rank, one query at a time: 1 + the non-relevant items scoring at least as its best relevant one."""
     ranks = []
     for scores, row in zip(similarities.tolist(), relevant.tolist(), strict=True):
         best = max(score for score, is_relevant in zip(scores, row, strict=True) if is_relevant)
@@ -428,7 +430,8 @@ def test_a_collapsed_embedding_gets_the_worst_ranks_not_the_best():
     caption_image = torch.tensor([0, 1, 1, 2, 2, 2, 3])  # 1, 2, 3 and 1 captions
     same = torch.tensor([1.0, 0.0, 0.0])
     result = image_caption_retrieval(same.expand(4, 3), same.expand(7, 3), caption_image, torch.arange(7))
-    # Image i ranks behind the 7 - c_i captions of the others: ranks 7, 6, 5, 7. Each caption ranks behind 3 images: rank 4.
+    # Image i ranks behind the 7 - c_i captions of the others: ranks 7, 6, 5, 7. Each caption ranks behind 3 images:
+    # rank 4.
     assert result["image_to_text"] == pytest.approx(
         {"recall@1": 0.0, "recall@5": 0.25, "recall@10": 1.0, "median_rank": 6.5, "mean_rank": 25 / 4}
     )
@@ -459,5 +462,6 @@ def test_where_every_pair_is_relevant_the_non_matching_mean_is_nan_not_an_error(
 def test_rsum_line_prints_percentages_and_median_ranks():
     result = image_caption_retrieval(HAND_IMAGES, HAND_CAPTIONS, HAND_CAPTION_IMAGE, HAND_CAPTION_TEXT)
     assert rsum_line(result) == (
-        "RSum 473.3; image→text R@1/5/10 33.3/100.0/100.0% (median rank 2); text→image R@1/5/10 40.0/100.0/100.0% (median rank 2)"
+        "RSum 473.3; image→text R@1/5/10 33.3/100.0/100.0% (median rank 2); "
+        "text→image R@1/5/10 40.0/100.0/100.0% (median rank 2)"
     )

@@ -1,5 +1,5 @@
-"""Training on a collection of captioned photos (train.py --dataset captions), and using the model:
-real pictures (the offline digits) exported as files by export_captions.py, read back by caption_data.py."""
+"""Training on a collection of captioned photos (train.py --dataset photos), and using the model:
+real pictures (the offline digits) exported as files by export_photos.py, read back by photo_files.py."""
 
 from __future__ import annotations
 
@@ -11,12 +11,12 @@ import pytest
 import torch
 from test_resume import signal_on_call, stopped_run
 
-import export_captions
 import inference
 import train
-from caption_data import PhotoPairs, collection_from_tensors, load_caption_collection
 from checkpoint import load_checkpoint, load_model
-from utils import retrieval_scores
+from embeddings import retrieval_scores
+from photo_files import PhotoPairs, collection_from_tensors, load_collection
+from tools import export_photos
 
 TINY = [
     "--image-size",
@@ -33,16 +33,16 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory) -> export_captions.Exported:
+def exported(tmp_path_factory) -> export_photos.Exported:
     """The offline digits' 360 test images as PNG files with 5 attribute captions each, in Flickr8k's layout."""
-    return export_captions.export("digits", "flickr8k", tmp_path_factory.mktemp("exported") / "digits")
+    return export_photos.export("digits", "flickr8k", tmp_path_factory.mktemp("exported") / "digits")
 
 
 @pytest.fixture(scope="module")
 def photo_run(exported, tmp_path_factory) -> tuple[dict, Path]:
     """A run of two epochs on them, and the cache folder it used."""
     cache, runs = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("runs")
-    argv = ["--dataset", "captions", "--data-dir", str(exported.folder), "--cache-dir", str(cache), *TINY]
+    argv = ["--dataset", "photos", "--data-dir", str(exported.folder), "--cache-dir", str(cache), *TINY]
     return train.main([*argv, "--epochs", "2", "--runs-dir", str(runs), "--run-name", "photos"]), cache
 
 
@@ -50,7 +50,7 @@ def test_training_on_captioned_photos_selects_by_rsum_and_scores_the_test_split(
     result, cache = photo_run
     state = torch.load(result["run_dir"] / "best.pt", weights_only=True)
     rsums = [entry["val_rsum"] for entry in state["history"]]
-    assert len(rsums) == 2 and state["best_accuracy"] == pytest.approx(max(rsums) / 600)
+    assert len(rsums) == 2 and state["best_score"] == pytest.approx(max(rsums))
     assert state["config"]["image_channels"] == 3 and state["config"]["text_encoder"] == "transformer"
     test = result["test_retrieval"]
     assert test["images"] == 36 and test["captions"] == 180  # 10% of the 360 photos, 5 captions each
@@ -65,7 +65,7 @@ def test_a_photo_run_stopped_by_a_signal_and_resumed_ends_as_the_uninterrupted_o
     result, cache = photo_run
     argv = [
         "--dataset",
-        "captions",
+        "photos",
         "--data-dir",
         str(exported.folder),
         "--cache-dir",
@@ -91,7 +91,7 @@ def test_the_file_pipeline_gives_what_the_in_memory_one_gives_on_the_same_pictur
     """The PNGs read back, resized (not at all, at 28 pixels) and split, are the exported pixels, captions and
     split exactly, so a model retrieves alike from both."""
     result, cache = photo_run
-    from_files = load_caption_collection(exported.folder, 28, cache)
+    from_files = load_collection(exported.folder, 28, cache)
     in_memory = collection_from_tensors(
         exported.images[:, None].expand(-1, 3, -1, -1), exported.captions, exported.files
     )
@@ -105,9 +105,9 @@ def test_the_file_pipeline_gives_what_the_in_memory_one_gives_on_the_same_pictur
 
 @pytest.mark.parametrize("layout", ["json", "folders"])
 def test_every_layout_of_the_same_pictures_loads_as_the_in_memory_collection(exported, tmp_path: Path, layout: str):
-    again = export_captions.export("digits", layout, tmp_path / layout)
+    again = export_photos.export("digits", layout, tmp_path / layout)
     assert torch.equal(again.images, exported.images) and again.captions == exported.captions
-    from_files = load_caption_collection(again.folder, 28, tmp_path / "cache")
+    from_files = load_collection(again.folder, 28, tmp_path / "cache")
     in_memory = collection_from_tensors(again.images[:, None].expand(-1, 3, -1, -1), again.captions, again.files)
     for name in ("train", "val", "test"):
         a, b = getattr(from_files, name), getattr(in_memory, name)
@@ -182,7 +182,7 @@ def test_settings_a_collection_cannot_train_with_give_one_line(
     _, cache = photo_run
     argv = [
         "--dataset",
-        "captions",
+        "photos",
         "--data-dir",
         str(exported.folder),
         "--cache-dir",

@@ -9,6 +9,7 @@ import torch
 from test_resume import TWO_EPOCHS, signal_on_call, stopped_run
 from test_train_inference import TINY
 
+import embeddings
 import inference
 import train
 import utils
@@ -102,7 +103,7 @@ def test_training_says_in_its_first_line_which_precision_auto_chose_and_why(runs
 
 def test_inference_follows_the_same_rule(digits_checkpoint: Path, tmp_path: Path, monkeypatch, capsys):
     fake_cpu(monkeypatch, avx512_bf16=True)
-    used = record_precisions(monkeypatch, utils)
+    used = record_precisions(monkeypatch, embeddings)
     inference.main(["--checkpoint", str(digits_checkpoint), "--output-dir", str(tmp_path)])
     assert used and set(used) == {"bf16"}
     assert "bf16 mixed precision: this CPU runs bf16 natively (AVX512_BF16)" in capsys.readouterr().out

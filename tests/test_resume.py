@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_train_inference import TINY, flatten
 
+import labelled
 import train
 from checkpoint import CheckpointError, load_checkpoint
 from clip import CLIP, clip_loss
@@ -16,9 +17,9 @@ from clip import CLIP, clip_loss
 TWO_EPOCHS = [*TINY, "--epochs", "2"]
 
 
-def signal_on_call(monkeypatch, name: str, call: int, *signals: signal.Signals) -> None:
-    """Make train.<name> send `signals` to this process on its `call`-th call, as Ctrl-C or a job scheduler would."""
-    original, calls = getattr(train, name), 0
+def signal_on_call(monkeypatch, name: str, call: int, *signals: signal.Signals, module=train) -> None:
+    """Make module.<name> send `signals` to this process on its `call`-th call, as Ctrl-C or a job scheduler would."""
+    original, calls = getattr(module, name), 0
 
     def sends_signals(*args, **kwargs):
         nonlocal calls
@@ -28,7 +29,7 @@ def signal_on_call(monkeypatch, name: str, call: int, *signals: signal.Signals) 
                 signal.raise_signal(number)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(train, name, sends_signals)
+    monkeypatch.setattr(module, name, sends_signals)
 
 
 def without_seconds(history: list[dict]) -> list[dict]:
@@ -56,7 +57,7 @@ def test_a_run_stopped_by_signals_and_resumed_ends_identical_to_an_uninterrupted
     assert signal.getsignal(signal.SIGINT) is handler_before  # handlers given back
 
     monkeypatch.undo()
-    signal_on_call(monkeypatch, "zero_shot_accuracy", 1, signal.SIGTERM)  # during epoch 1's validation
+    signal_on_call(monkeypatch, "zero_shot_accuracy", 1, signal.SIGTERM, module=labelled)  # during epoch 1's validation
     assert stopped_run(["--resume", "latest", "--runs-dir", str(tmp_path / "b")]) == 143
     assert (load_checkpoint(last)["step"], load_checkpoint(last)["epoch"]) == (8, 1)
 
@@ -141,7 +142,7 @@ def test_a_run_from_before_stroke_augmentation_resumes_without_it(runs_dir: Path
     del checkpoint["args"]["stroke"]  # as a checkpoint written before --stroke was saved
     torch.save(checkpoint, last)
     argv = ["--resume", str(last), "--device", "cpu"]
-    args, _, _ = train.resumed_settings(argv, train.parse_args(argv))
+    args, _, _ = train.resumed_settings(argv)
     assert args.stroke == 0.0  # the run goes on as it was trained, whatever the default of the day
 
 
@@ -150,7 +151,7 @@ def test_resuming_a_checkpoint_without_training_state_says_what_it_lacks(runs_di
     best = load_checkpoint(runs_dir / "run" / "best.pt")
     inference_only = runs_dir / "run" / "model-only.pt"
     torch.save(
-        {key: best[key] for key in ("model", "config", "args", "step", "epoch", "best_accuracy", "history")},
+        {key: best[key] for key in ("model", "config", "args", "step", "epoch", "best_score", "score_name", "history")},
         inference_only,
     )
     with pytest.raises(CheckpointError, match="it lacks training_model, optimizer, scheduler, rng, epoch_loss_sum$"):

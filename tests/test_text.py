@@ -281,7 +281,8 @@ def test_a_checkpoint_from_before_the_text_encoders_still_loads_and_classifies(t
         "args": {},
         "step": 0,
         "epoch": 0,
-        "best_accuracy": 0.0,
+        "best_score": 0.0,
+        "score_name": "accuracy",
         "history": [],
     }
     torch.save(state, tmp_path / "old.pt")

@@ -1,4 +1,7 @@
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -7,8 +10,10 @@ from PIL import Image, ImageDraw
 import inference
 import train
 from checkpoint import load_model
-from dataset import to_mnist_style
-from utils import class_embeddings, embed_images
+from embeddings import class_embeddings, embed_images
+from pictures import to_mnist_style
+
+REPO = Path(__file__).resolve().parent.parent
 
 TINY = [
     "--dataset",
@@ -104,7 +109,8 @@ def test_invalid_arguments_are_refused_with_usage(flag: str, value: str, capsys)
 
 def test_garment_models_embed_images_with_their_mirror_images_and_digit_models_never():
     def model_of(argv: list[str]) -> bool:
-        return train.model_config(train.parse_args(argv), [], ()).image_mirror_average
+        no_data = SimpleNamespace(train=SimpleNamespace(texts=[]), image_channels=1, class_captions=())
+        return train.model_config(train.parse_args(argv), no_data).image_mirror_average
 
     assert model_of(["--dataset", "fashion"]) and not model_of(["--dataset", "fashion", "--no-mirror-average"])
     assert not model_of([]) and not model_of(["--dataset", "digits"])  # a mirrored digit is another digit, or none
@@ -134,3 +140,24 @@ def test_pictures_of_the_same_name_from_two_folders_each_get_their_own_figure(di
     figures = [query["figure"] for query in out["queries"]]
     assert figures == [tmp_path / "out" / "retrieval_digit.png", tmp_path / "out" / "retrieval_digit-2.png"]
     assert all(figure.is_file() for figure in figures)
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("benchmark.py", "python -m tools.benchmark"),
+        ("benchmark_captions.py", "python -m tools.benchmark_photos"),
+        ("export_captions.py", "python -m tools.export_photos"),
+        ("user_style_digits.py", "python -m tools.user_style_digits"),
+    ],
+)
+def test_a_tool_run_by_its_old_name_says_in_one_line_where_it_went(old: str, new: str):
+    done = subprocess.run([sys.executable, old, "--help"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 1 and done.stdout == "" and done.stderr.strip().endswith(f"run {new}")
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_the_old_name_of_the_photo_data_set_names_the_new_one(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--dataset", "captions"])
+    assert "--dataset captions is now called --dataset photos" in capsys.readouterr().err

@@ -7,6 +7,7 @@ import pytest
 import torch
 from test_train_inference import TINY
 
+import labelled
 import train
 from checkpoint import load_checkpoint
 from clip import CLIP, CLIPConfig
@@ -83,16 +84,16 @@ def test_each_checkpoint_key_holds_the_weights_it_names(runs_dir: Path, monkeypa
 
 def test_best_pt_is_the_best_validation_epoch_and_the_test_accuracy_comes_from_it(runs_dir: Path, monkeypatch):
     validation_scores, scored = iter([0.5, 0.9, 0.7]), []
-    real_accuracy = train.zero_shot_accuracy
+    real_accuracy = labelled.zero_shot_accuracy
 
     def scripted_accuracy(model, images, labels, precision):
         scored.append({name: tensor.clone() for name, tensor in model.state_dict().items()})
         return next(validation_scores, None) or real_accuracy(model, images, labels, precision)
 
-    monkeypatch.setattr(train, "zero_shot_accuracy", scripted_accuracy)
+    monkeypatch.setattr(labelled, "zero_shot_accuracy", scripted_accuracy)
     result = train.main([*TINY, "--epochs", "3", "--runs-dir", str(runs_dir), "--run-name", "run"])
     best, last = load_checkpoint(runs_dir / "run" / "best.pt"), load_checkpoint(runs_dir / "run" / "last.pt")
-    assert (best["epoch"], best["best_accuracy"], result["best_val_accuracy"]) == (2, 0.9, 0.9)
+    assert (best["epoch"], best["best_score"], result["best_val_score"]) == (2, 0.9, 0.9)
     assert [epoch["val_accuracy"] for epoch in last["history"]] == [0.5, 0.9, 0.7]
     epoch_2, tested = scored[1], scored[3]  # the weights validated after epoch 2, and those scored on the test split
     assert all(torch.equal(tested[name], value) for name, value in epoch_2.items())

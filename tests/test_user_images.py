@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 from checkpoint import save_checkpoint
 from clip import CLIP, CLIPConfig
-from dataset import ImageError, load_user_image, to_mnist_style
+from pictures import ImageError, load_user_image, to_mnist_style
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -167,7 +167,8 @@ def untrained_checkpoint(tmp_path_factory) -> Path:
         "args": {"dataset": "digits", "data_dir": "data", "val_size": 300},
         "step": 0,
         "epoch": 0,
-        "best_accuracy": 0.0,
+        "best_score": 0.0,
+        "score_name": "accuracy",
         "history": [],
     }
     save_checkpoint(state, path)

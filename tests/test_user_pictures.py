@@ -15,8 +15,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 import inference
 from checkpoint import load_model
-from dataset import load_user_image, to_mnist_style
-from utils import class_embeddings, embed_images
+from embeddings import class_embeddings, embed_images
+from pictures import load_user_image, to_mnist_style
 
 FONT_DIR = Path(matplotlib.get_data_path()) / "fonts" / "ttf"  # matplotlib ships these, so they are always there
 FONTS = [ImageFont.load_default] + [

@@ -1,4 +1,5 @@
-"""export_captions.py: real pictures and their captions as files, in each layout train.py reads, read back here independently."""
+"""tools/export_photos.py: real pictures and their captions as files, in each layout train.py reads, read back
+here independently."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-import export_captions
 from captions import ANY, image_properties, stroke_edges, training_captions
 from dataset import Split, Splits, load_splits
+from tools import export_photos
 
 COUNT = 12
 # The files besides the images that each layout holds its captions in.
@@ -29,8 +30,8 @@ def digits_test_split(count: int = COUNT) -> Split:
     return Split(test.images[:count], test.labels[:count])
 
 
-def export_digits(output: Path, *options: str) -> export_captions.Exported:
-    return export_captions.main(["--dataset", "digits", "--output", str(output), "--count", str(COUNT), *options])
+def export_digits(output: Path, *options: str) -> export_photos.Exported:
+    return export_photos.main(["--dataset", "digits", "--output", str(output), "--count", str(COUNT), *options])
 
 
 def read_back(folder: Path, layout: str) -> tuple[list[str], list[list[str]]]:
@@ -56,7 +57,7 @@ def files_in(folder: Path) -> set[str]:
     return {path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()}
 
 
-@pytest.mark.parametrize("layout", export_captions.LAYOUTS)
+@pytest.mark.parametrize("layout", export_photos.LAYOUTS)
 def test_each_layout_holds_the_test_images_exactly_and_their_captions_in_utf8(tmp_path: Path, layout: str, capsys):
     output = tmp_path / "exported"
     exported = export_digits(output, "--layout", layout)
@@ -74,8 +75,9 @@ def test_each_layout_holds_the_test_images_exactly_and_their_captions_in_utf8(tm
 
     layout_name = {"json": "JSON", "folders": "folders", "flickr8k": "Flickr8k"}[layout]
     assert capsys.readouterr().out == (
-        f"wrote 12 scikit-learn digits test images (PNG) with 60 attribute captions in the {layout_name} layout to {output}; "
-        f"train on them with: python train.py --dataset captions --data-dir {output}\n"
+        "wrote 12 scikit-learn digits test images (PNG) with 60 attribute captions "
+        f"in the {layout_name} layout to {output}; "
+        f"train on them with: python train.py --dataset photos --data-dir {output}\n"
     )
 
 
@@ -89,7 +91,7 @@ def test_each_digit_gets_distinct_captions_that_describe_it_those_that_state_att
     attribute_captions_available = (describes & states_attributes).sum(dim=1).tolist()
     index = {text: caption for caption, text in enumerate(captions.texts)}
     for per_image in (5, 30):  # at 30, every digit's 28 attribute captions (12 for a held-out combination) run out
-        exported = export_captions.export(
+        exported = export_photos.export(
             "digits", "json", tmp_path / str(per_image), count=60, captions_per_image=per_image
         )
         for texts, describing, available in zip(
@@ -108,8 +110,8 @@ def test_clothes_are_written_as_jpeg_close_to_their_pixels_with_captions_naming_
 ):
     # Fashion-MNIST cannot be downloaded in the tests: the digits stand in for its images, their labels for its classes.
     test = digits_test_split()
-    monkeypatch.setattr(export_captions, "load_splits", lambda dataset, data_dir, val_size: Splits(test, test, test))
-    exported = export_captions.main(
+    monkeypatch.setattr(export_photos, "load_splits", lambda dataset, data_dir, val_size: Splits(test, test, test))
+    exported = export_photos.main(
         ["--dataset", "fashion", "--layout", "folders", "--output", str(tmp_path / "clothes")]
     )
     assert exported.files == [f"images/{index:05d}.jpg" for index in range(COUNT)] and torch.equal(
@@ -175,7 +177,7 @@ def test_an_export_interrupted_midway_leaves_nothing_behind_not_even_the_folders
     def interrupt(*args) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export_captions, "write_captions", interrupt)  # every image is written by then
+    monkeypatch.setattr(export_photos, "write_captions", interrupt)  # every image is written by then
     with pytest.raises(KeyboardInterrupt):
         export_digits(tmp_path / "new" / "exported", "--layout", "flickr8k")
     assert list(tmp_path.iterdir()) == []

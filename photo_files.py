@@ -1,4 +1,4 @@
-"""Image–caption collections read from files, for `train.py --dataset captions --data-dir PATH`.
+"""Image–caption collections read from files, for `train.py --dataset photos --data-dir PATH`.
 
 Three layouts are recognised (`LAYOUTS`): a JSON list of images and their captions, an
 images/ folder beside a captions/ folder, and Flickr8k as it is distributed, with its
@@ -116,7 +116,7 @@ class PhotoPairs:
 
 
 @dataclass
-class CaptionCollection:
+class Collection:
     train: CaptionedPhotos
     val: CaptionedPhotos
     test: CaptionedPhotos
@@ -142,7 +142,7 @@ class Listing:
     official: list[list[str]] | None = None  # the image files of train, validation and test
 
     def add(self, file: str, caption: str, what: str) -> None:
-        """Add one caption of image `file`, read from `what`, unless it is empty or repeats one of the image's captions."""
+        """Add one caption of image `file`, read from `what`, unless it is empty or repeats one of the image's."""
         text = caption.strip()
         if not text:
             self.skip(what, "empty caption")
@@ -165,14 +165,14 @@ class CachedImages:
     mapped: bool  # memory-mapped rather than held in memory
 
 
-def load_caption_collection(
+def load_collection(
     data_dir: str | Path,
     image_size: int,
     cache_dir: str | Path,
     split_seed: int = 0,
     held_out_fraction: float = 0.1,
     max_in_memory_bytes: int | None = None,
-) -> CaptionCollection:
+) -> Collection:
     """The image–caption collection at `data_dir`, in the first layout of LAYOUTS it has, each image
     (3, image_size, image_size) uint8. The images come from the cache in `cache_dir` when it holds
     these very files at this size and split, else they are decoded and cached there; they are held
@@ -197,7 +197,8 @@ def load_caption_collection(
         for split, split_file in zip(splits, FLICKR_SPLIT_FILES, strict=True):
             if not split:
                 raise DataError(
-                    f"none of the {len(stats):,} usable images of {listing.source} is named in {split_file}: is it Flickr8k's?"
+                    f"none of the {len(stats):,} usable images of {listing.source} is named in {split_file}: is it "
+                    "Flickr8k's?"
                 )
     cache = Path(cache_dir) / f"captions-{image_size}px-{cache_key(splits, stats, image_size)}.npy"
     budget = memory_budget() if max_in_memory_bytes is None else max_in_memory_bytes
@@ -208,7 +209,8 @@ def load_caption_collection(
         cached = read_cache(cache, image_size, budget)
         if cached is None:
             raise DataError(
-                f"the image cache {cache} cannot be read back just after it was written: is {cache.parent} on a faulty disk?"
+                f"the image cache {cache} cannot be read back just after it was written: is {cache.parent} on a "
+                "faulty disk?"
             )
     skipped = listing.skipped + [f"{file}: {why}" for file, why in cached.failed]
     mapped_file = cache if cached.mapped else None
@@ -221,7 +223,7 @@ def collection_from_tensors(
     files: list[str],
     split_seed: int = 0,
     held_out_fraction: float = 0.1,
-) -> CaptionCollection:
+) -> Collection:
     """The collection that loading these images from files would give: image i of `images`, (N, 3, S, S)
     uint8, is named files[i] and captioned by captions_per_image[i], the captions are cleaned and the
     images split by the same rules. It shows that the file pipeline gives what the in-memory one gives."""
@@ -253,7 +255,8 @@ def split_by_image(files: list[str], seed: int, held_out_fraction: float) -> tup
     held_out = max(1, round(held_out_fraction * len(files)))
     if len(files) <= 2 * held_out:
         raise DataError(
-            f"{len(files):,} usable images are too few to hold out {held_out:,} for validation and {held_out:,} for test "
+            f"{len(files):,} usable images are too few to hold out {held_out:,} for validation and {held_out:,} for "
+            "test "
             "and train on the rest: add images"
         )
     by_name = sorted(range(len(files)), key=files.__getitem__)
@@ -271,7 +274,7 @@ def assemble(
     cache_hit: bool,
     mapped_file: Path | None = None,
     outside_splits: list[str] | None = None,
-) -> CaptionCollection:
+) -> Collection:
     """The collection of `images`, (N, 3, S, S) in split order, whose rows hold the files of `splits`
     one after the other: each split is a view of its rows. DataError when a split is left empty."""
     parts, start = [], 0
@@ -283,7 +286,7 @@ def assemble(
         caption_image = torch.arange(len(files)).repeat_interleave(counts)
         parts.append(CaptionedPhotos(images[start : start + len(files)], captions, caption_image, files, mapped_file))
         start += len(files)
-    return CaptionCollection(
+    return Collection(
         *parts,
         layout=listing.layout,
         source=listing.source,
@@ -295,7 +298,7 @@ def assemble(
     )
 
 
-def describe(collection: CaptionCollection) -> list[str]:
+def describe(collection: Collection) -> list[str]:
     """The lines train.py prints about a collection: what was found and how it is split, where its
     images came from, and which entries were skipped and why."""
     splits = (collection.train, collection.val, collection.test)
@@ -372,7 +375,8 @@ def read_json_listing(path: Path) -> Listing:
         ) from error
     if not isinstance(entries, list):
         raise DataError(
-            f'the top level of {path} is not a JSON list: make it a list of {{"image_path": ..., "caption": ...}} objects'
+            f'the top level of {path} is not a JSON list: make it a list of {{"image_path": ..., "caption": ...}} '
+            "objects"
         )
     for number, entry in enumerate(entries, start=1):
         what = f"{path.name} entry {number}"
@@ -469,7 +473,8 @@ def read_flickr8k_listing(data_dir: Path, caption_file: Path, image_folder: Path
         ):
             if shared := sorted(set(first_files) & set(second_files)):
                 raise DataError(
-                    f"{shared[0]} is in both {first} and {second}: an image belongs in one split; remove it from one of them"
+                    f"{shared[0]} is in both {first} and {second}: an image belongs in one split; remove it from one "
+                    "of them"
                 )
     return listing
 
@@ -538,7 +543,8 @@ def read_text(path: Path) -> str:
 
 
 def utf8_text(path: Path) -> str:
-    # Decoded as UTF-8 with the byte-order mark removed after, not as utf-8-sig, so that an error's offset counts the file's bytes.
+    # Decoded as UTF-8 with the byte-order mark removed after, not as utf-8-sig, so that an error's offset counts the
+    # file's bytes.
     return path.read_bytes().decode("utf-8").removeprefix("\ufeff")
 
 
@@ -615,7 +621,8 @@ def write_cache(array_file: Path, root: Path, splits: list[list[str]], image_siz
         )
     except OSError as error:
         raise DataError(
-            f"cannot write the image cache in {array_file.parent}: {error.strerror or error}; give a writable cache folder"
+            f"cannot write the image cache in {array_file.parent}: {error.strerror or error}; give a writable cache "
+            "folder"
         ) from error
 
 
@@ -684,7 +691,8 @@ def decode_photo(path: Path, image_size: int) -> np.ndarray | str:
         with Image.open(path) as image:
             if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
                 # Pillow only warns up to twice its limit; refuse before decoding, as dataset.read_image_file does.
-                return f"refused: {image.width}x{image.height} is more than {Image.MAX_IMAGE_PIXELS:,} pixels (a decompression bomb?)"
+                size = f"{image.width}x{image.height}"
+                return f"refused: {size} is more than {Image.MAX_IMAGE_PIXELS:,} pixels (a decompression bomb?)"
             image.draft(
                 "RGB", (image_size, image_size)
             )  # a JPEG decodes at 1/2, 1/4 or 1/8 scale when that still covers S x S

@@ -1,4 +1,4 @@
-"""Image–caption collections read from files (caption_data.py): each layout on small drawn
+"""Image–caption collections read from files (photo_files.py): each layout on small drawn
 pictures, resizing, the split by image, bad input skipped or refused in one line, and the cache."""
 
 import json
@@ -9,14 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from caption_data import (
-    CaptionCollection,
+from dataset import DataError
+from photo_files import (
+    Collection,
     collection_from_tensors,
     describe,
-    load_caption_collection,
+    load_collection,
     split_by_image,
 )
-from dataset import DataError
 
 SIZE = 8  # pixels of a loaded image's side
 RED, GREEN, BLUE, WHITE = (220, 20, 20), (20, 220, 20), (20, 20, 220), (255, 255, 255)
@@ -44,15 +44,15 @@ def write_pictures(folder: Path, names=PICTURES) -> None:
         PICTURES[name][0].save(folder / name)
 
 
-def load(data_dir: Path, tmp_path: Path, **options) -> CaptionCollection:
-    return load_caption_collection(data_dir, SIZE, tmp_path / "cache", **options)
+def load(data_dir: Path, tmp_path: Path, **options) -> Collection:
+    return load_collection(data_dir, SIZE, tmp_path / "cache", **options)
 
 
-def splits(collection: CaptionCollection):
+def splits(collection: Collection):
     return (collection.train, collection.val, collection.test)
 
 
-def caption_pairs(collection: CaptionCollection) -> list[tuple[str, str]]:
+def caption_pairs(collection: Collection) -> list[tuple[str, str]]:
     """(image file, caption) of every caption in the collection, sorted: repeats would show."""
     return sorted(
         (split.files[image], caption)
@@ -65,7 +65,7 @@ def expected_pairs(folder: str) -> list[tuple[str, str]]:
     return sorted((f"{folder}{name}", caption) for name, captions in CAPTIONS.items() for caption in captions)
 
 
-def all_files(collection: CaptionCollection) -> list[str]:
+def all_files(collection: Collection) -> list[str]:
     return [file for split in splits(collection) for file in split.files]
 
 
@@ -554,7 +554,7 @@ def test_a_changed_image_or_image_size_misses_the_cache(tmp_path):
     os.utime(picture, ns=(later, later))
 
     changed = load(data, tmp_path)
-    resized = load_caption_collection(data, SIZE * 2, tmp_path / "cache")
+    resized = load_collection(data, SIZE * 2, tmp_path / "cache")
 
     assert not changed.cache_hit and changed.cache != first.cache
     split = next(split for split in splits(changed) if "images/square.png" in split.files)
