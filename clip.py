@@ -41,7 +41,10 @@ class CLIPConfig:
     text_layers: int = 2  # transformer blocks, or LSTM layers
     text_heads: int = 4
     text_characters: str = ""  # the tokenizer's vocabulary: every character of the training captions
-    text_max_length: int = 64  # characters read of a caption
+    text_max_length: int = 64  # characters (tokens, for a pretrained tower) read of a caption
+    # A pretrained tower's Hugging Face config, tokenizer files and pooling (hf_text.read_folder), for text_encoder
+    # "pretrained": what rebuilds it without the folder it came from.
+    text_model: dict | None = None
     embed_dim: int = 64
     # Embed an image, outside training, as the mean of its features and its mirror image's: for a
     # model trained on mirrored images, whose test images may face either way (test-time augmentation).
@@ -81,6 +84,10 @@ class CLIP(nn.Module):
         self.tokenizer = CharTokenizer(config.text_characters, config.text_max_length)
         if config.text_encoder == "digit":
             self.text_encoder = DigitTextEncoder(config.text_hidden_dim, config.embed_dim)
+        elif config.text_encoder == "pretrained":
+            from hf_text import PretrainedTextEncoder  # imported here: only this tower needs transformers
+
+            self.text_encoder = PretrainedTextEncoder(config.text_model, config.text_max_length, config.embed_dim)
         elif config.text_encoder == "transformer":
             size = self.tokenizer.vocabulary_size
             self.text_encoder = TransformerTextEncoder(
@@ -99,7 +106,8 @@ class CLIP(nn.Module):
 
     def tokenize(self, captions: list[str] | tuple[str, ...]) -> torch.Tensor:
         """Captions -> the token tensor their text encoder reads; text_encoder.TextError when it cannot."""
-        return self.text_encoder.tokenize(captions) if self.config.text_encoder == "digit" else self.tokenizer(captions)
+        # The digit table and a pretrained tower bring their own tokenizer; the character encoders share one.
+        return getattr(self.text_encoder, "tokenize", self.tokenizer)(captions)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         features = self.image_encoder(images).float()  # the cosines and the loss stay in fp32

@@ -18,7 +18,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 DIGIT_CAPTIONS = tuple(str(digit) for digit in range(10))
 PAD, UNKNOWN = 0, 1  # token ids before the characters'
-TEXT_ENCODERS = ("digit", "transformer", "lstm")
+TEXT_ENCODERS = ("digit", "transformer", "lstm", "pretrained")  # pretrained: hf_text.py, from --text-pretrained
 LENGTH_GROUPS = 4  # groups of similar length in which the transformer reads a batch's captions
 
 

@@ -47,6 +47,7 @@ from checkpoint import (
 from clip import CLIP, CLIPConfig, clip_loss
 from dataset import normalize, shuffled_batches
 from distributed import Process, local_clip_loss
+from hf_text import POOLINGS, PretrainedError, read_folder
 from image_encoder import IMAGE_ENCODERS, WeightsError, load_torchvision_weights
 from recipes import RECIPES, recipe
 from tasks import TASKS, Task
@@ -139,6 +140,10 @@ def parse_args(argv: list[str] | None = None, resumed: dict | None = None) -> ar
     add("--captions", choices=CAPTION_KINDS, help="what captions say")
     add("--text-encoder", choices=TEXT_ENCODERS, help="transformer, lstm: read any sentence")
     add("--text-max-length", type=positive_int, help="characters read of a caption")
+    add("--text-pretrained", type=Path, help="a Hugging Face model folder to start the text tower from")
+    add("--text-pooling", choices=POOLINGS, help="of its tokens (default: as the folder says, else mean)")
+    add("--lock-text", action="store_true", help="freeze the pretrained text tower (LiT); only its projection trains")
+    add("--lock-text-unlocked-layers", type=int, default=0, help="with --lock-text: its last blocks that still train")
     add("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="where to train")
     add("--precision", choices=PRECISIONS, default="auto", help="auto: bf16 where it runs natively")
     add("--no-amp", dest="precision", action="store_const", const="fp32", help="the same as --precision fp32")
@@ -154,13 +159,26 @@ def parse_args(argv: list[str] | None = None, resumed: dict | None = None) -> ar
         p.set_defaults(**recipe(dataset, first.captions or resumed.get("captions")))
     p.set_defaults(**resumed)
     args = p.parse_args(argv)
-    problem = TASKS[args.dataset].settings_error(args)
-    if problem is None and args.pretrained_weights is not None and args.image_encoder != "resnet18":
-        problem = "--pretrained-weights loads torchvision's resnet18: add --image-encoder resnet18"
+    if args.text_pretrained is not None:
+        args.text_encoder = "pretrained"
+    problem = TASKS[args.dataset].settings_error(args) or pretrained_settings_error(args)
     if problem is not None:
         p.error(problem)
     settle_device(p, args)
     return args
+
+
+def pretrained_settings_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the settings of pretrained towers, in one line; None when they fit."""
+    if args.pretrained_weights is not None and args.image_encoder != "resnet18":
+        return "--pretrained-weights loads torchvision's resnet18: add --image-encoder resnet18"
+    if args.text_encoder == "pretrained" and args.text_pretrained is None:
+        return "--text-encoder pretrained reads a Hugging Face folder: give it with --text-pretrained FOLDER"
+    if args.lock_text and args.text_pretrained is None:
+        return "--lock-text locks a pretrained text tower: add --text-pretrained FOLDER"
+    if args.text_pooling is not None and args.text_pretrained is None:
+        return "--text-pooling pools a pretrained text tower: add --text-pretrained FOLDER"
+    return None
 
 
 def resumed_settings(argv: list[str] | None) -> tuple[argparse.Namespace, dict, Path]:
@@ -205,8 +223,11 @@ def new_run_dir(runs_dir: Path, run_name: str | None, dataset: str) -> Path:
 def model_config(args: argparse.Namespace, task: Task) -> CLIPConfig:
     """The model the settings ask for, for the images of `task`, its tokenizer built from its training
     captions, and each class's captions to classify with (none for a collection of captioned photos)."""
-    reads_text = args.text_encoder != "digit"
-    texts = task.train.texts
+    reads_characters = args.text_encoder in ("transformer", "lstm")
+    characters = (
+        CharTokenizer.from_captions(task.train.texts, args.text_max_length).characters if reads_characters else ""
+    )
+    pretrained = read_folder(args.text_pretrained, args.text_pooling) if args.text_encoder == "pretrained" else None
     return CLIPConfig(
         image_encoder=args.image_encoder,
         image_channels=task.image_channels,
@@ -216,8 +237,9 @@ def model_config(args: argparse.Namespace, task: Task) -> CLIPConfig:
         embed_dim=args.embed_dim,
         image_mirror_average=args.mirror_average,
         text_encoder=args.text_encoder,
-        text_characters=CharTokenizer.from_captions(texts, args.text_max_length).characters if reads_text else "",
+        text_characters=characters,
         text_max_length=args.text_max_length,
+        text_model=pretrained,
         class_captions=task.class_captions,
     )
 
@@ -249,6 +271,8 @@ def new_run(
     """A run at step 0: the model, its moving average, AdamW and the one-cycle schedule."""
     device = args.device
     model = CLIP(config).to(device).to(memory_format=torch.channels_last)
+    if args.lock_text:
+        model.text_encoder.lock(args.lock_text_unlocked_layers)
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
     average = MovingAverage(model, args.ema_decay)
     state = RunState(
@@ -421,14 +445,20 @@ def finish(loop: Loop, state: RunState, task: Task, train_seconds: float) -> dic
     return {"run_dir": loop.run_dir} | results
 
 
-def start_from_pretrained(state: RunState, average: MovingAverage, path: Path) -> None:
-    """--pretrained-weights: the image encoder of a fresh run starts from the user's torchvision weights."""
-    try:
-        fresh = load_torchvision_weights(state.training_model.image_encoder, path)
-    except WeightsError as error:
-        raise SystemExit(f"error: {error}") from None
-    average.model.load_state_dict(state.training_model.state_dict())
-    print(f"image encoder from {path}; trained from scratch: {', '.join(fresh) or 'nothing'}")
+def start_from_pretrained(state: RunState, average: MovingAverage, args: argparse.Namespace) -> None:
+    """A fresh run's towers start from the user's pretrained weights, where given: torchvision's for the
+    image tower (--pretrained-weights), a Hugging Face folder's for the text tower (--text-pretrained)."""
+    model = state.training_model
+    if args.pretrained_weights is not None:
+        try:
+            fresh = load_torchvision_weights(model.image_encoder, args.pretrained_weights)
+        except WeightsError as error:
+            raise SystemExit(f"error: {error}") from None
+        print(f"image encoder from {args.pretrained_weights}; trained from scratch: {', '.join(fresh) or 'nothing'}")
+    if args.text_pretrained is not None:
+        model.text_encoder.load_folder_weights(args.text_pretrained)
+        print(f"text encoder from {args.text_pretrained}, {model.config.text_model['pooling']} pooling")
+    average.model.load_state_dict(model.state_dict())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -474,8 +504,8 @@ def run(argv: list[str] | None, stop: GracefulStop, process: Process) -> dict:
     state, average = new_run(args, config, epochs * steps_per_epoch, process)
     if checkpoint:
         state.load_state_dict(checkpoint)
-    elif args.pretrained_weights is not None:
-        start_from_pretrained(state, average, args.pretrained_weights)
+    else:
+        start_from_pretrained(state, average, args)
     tokens = state.training_model.tokenize(task.train.texts).to(args.device)
     model = distributed.wrap(state.training_model, process)
     if args.compile:
@@ -484,7 +514,9 @@ def run(argv: list[str] | None, stop: GracefulStop, process: Process) -> dict:
     loop = Loop(args, precision, run_dir, epochs, steps_per_epoch, writer, LossWatch(args.device), stop, model, process)
 
     parameters = sum(p.numel() for p in state.model.parameters())
-    print(f"{why}; training on {args.device}, {parameters:,} parameters, run folder {run_dir}")
+    trained = sum(p.numel() for p in state.training_model.parameters() if p.requires_grad)
+    locked = f" ({parameters - trained:,} of them locked)" if trained < parameters else ""
+    print(f"{why}; training on {args.device}, {parameters:,} parameters{locked}, run folder {run_dir}")
     if process.is_distributed:
         share = args.batch_size // process.world_size
         print(f"{process.world_size} processes, each training on {share} images of every batch of {args.batch_size}")
@@ -503,5 +535,5 @@ def run(argv: list[str] | None, stop: GracefulStop, process: Process) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (CheckpointError, TrainingError) as error:
+    except (CheckpointError, TrainingError, PretrainedError) as error:
         raise SystemExit(f"error: {error}") from None

@@ -46,9 +46,11 @@ class LossWatch:
 
 
 def param_groups(model: CLIP, weight_decay: float) -> list[dict]:
-    # Decay only weight matrices and kernels, never norms, biases or the temperature.
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    # Decay only weight matrices and kernels, never norms, biases or the temperature; a locked tower's
+    # weights (requires_grad off) are not the optimizer's at all.
+    trained = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trained if p.ndim >= 2]
+    no_decay = [p for p in trained if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
