@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from image_encoder import IMAGE_ENCODERS, ImageEncoder, resnet18
+from image_encoder import IMAGE_ENCODERS, ImageEncoder, image_tower, tower_groups
 from text_encoder import (
     DIGIT_CAPTIONS,
     TEXT_ENCODERS,
@@ -75,8 +75,10 @@ class CLIP(nn.Module):
     def __init__(self, config: CLIPConfig):
         super().__init__()
         self.config = config
-        if config.image_encoder == "resnet18":
-            self.image_encoder = resnet18(config.embed_dim, config.image_channels, config.image_size)
+        if config.image_encoder != "resnet":  # a photo tower that can start from ImageNet weights
+            self.image_encoder = image_tower(
+                config.image_encoder, config.embed_dim, config.image_channels, config.image_size
+            )
         else:
             self.image_encoder = ImageEncoder(
                 config.image_widths, config.image_blocks_per_stage, config.embed_dim, config.image_channels
@@ -103,6 +105,30 @@ class CLIP(nn.Module):
                 self.tokenizer.vocabulary_size, config.text_hidden_dim, config.text_layers, config.embed_dim
             )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.locked: list[nn.Module] = []  # what lock() froze; a plain list, so that it adds no state dict keys
+
+    def lock(self, tower: str, unlocked_groups: int = 0) -> None:
+        """LiT's locked tower: a pretrained image or text tower frozen but for its last `unlocked_groups` groups of
+        layers (stages, or transformer blocks). Frozen layers stay in eval mode, so batch norm keeps its ImageNet
+        statistics and dropout stays off, whatever train() says; the tower's projection always trains."""
+        if tower == "image":
+            groups = tower_groups(self.image_encoder, self.config.image_encoder)
+        else:
+            groups = self.text_encoder.groups()
+        if not 0 <= unlocked_groups <= len(groups):
+            raise ValueError(
+                f"the {tower} tower has {len(groups)} groups of layers; {unlocked_groups} cannot stay unlocked"
+            )
+        for group in groups[: len(groups) - unlocked_groups]:
+            group.requires_grad_(False)
+            self.locked.append(group)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> CLIP:
+        super().train(mode)
+        for module in self.locked:
+            module.eval()
+        return self
 
     def tokenize(self, captions: list[str] | tuple[str, ...]) -> torch.Tensor:
         """Captions -> the token tensor their text encoder reads; text_encoder.TextError when it cannot."""

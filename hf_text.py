@@ -84,24 +84,11 @@ class PretrainedTextEncoder(nn.Module):
         self.tokenizer = tokenizer_from_files(text_model["tokenizer_files"])
         self.pooling, self.max_length = text_model["pooling"], max_length
         self.projection = nn.Linear(config.hidden_size, embed_dim)
-        self.locked: list[nn.Module] = []  # the parts that lock() froze; a plain list, so no state dict keys
 
-    def lock(self, unlocked_layers: int = 0) -> None:
-        """LiT's locked tower: the embeddings and all but the last `unlocked_layers` blocks are frozen, and
-        stay in eval mode (no dropout) whatever train() says; the projection always trains."""
-        layers = self.model.encoder.layer
-        if not 0 <= unlocked_layers <= len(layers):
-            raise PretrainedError(f"--lock-text-unlocked-layers {unlocked_layers}: the tower has {len(layers)} blocks")
-        self.locked = [self.model.embeddings, *layers[: len(layers) - unlocked_layers]]
-        for module in self.locked:
-            module.requires_grad_(False)
-        self.train(self.training)
-
-    def train(self, mode: bool = True) -> PretrainedTextEncoder:
-        super().train(mode)
-        for module in self.locked:
-            module.eval()
-        return self
+    def groups(self) -> list[nn.Module]:
+        """The encoder's layers in the order a caption meets them, in the groups that can stay unlocked: the
+        embeddings, then each transformer block (CLIP.lock)."""
+        return [self.model.embeddings, *self.model.encoder.layer]
 
     def load_folder_weights(self, folder: Path) -> None:
         """The encoder's weights from the folder it was read from; PretrainedError if they do not fit."""

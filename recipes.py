@@ -7,6 +7,8 @@ accuracy (docs/results.md); the others say only how they differ from it.
 
 from __future__ import annotations
 
+from image_encoder import TOWER_INPUTS
+
 MNIST = dict(
     epochs=14,
     batch_size=512,
@@ -47,6 +49,8 @@ RECIPES = {
 CAPTION_RECIPES = {"attributes": dict(max_rotation=0.0, max_scale=0.0)}
 
 
-def recipe(dataset: str, captions: str | None = None) -> dict:
-    """The settings of a data set's runs, with those that its captions (--captions) change."""
-    return RECIPES[dataset] | CAPTION_RECIPES.get(captions or RECIPES[dataset]["captions"], {})
+def recipe(dataset: str, captions: str | None = None, pretrained_tower: str | None = None) -> dict:
+    """The settings of a data set's runs, with those that its captions (--captions) change, and the image size
+    that a pretrained image tower was trained at (--pretrained-weights)."""
+    settings = RECIPES[dataset] | CAPTION_RECIPES.get(captions or RECIPES[dataset]["captions"], {})
+    return settings | ({"image_size": TOWER_INPUTS[pretrained_tower][2]} if pretrained_tower in TOWER_INPUTS else {})

@@ -48,7 +48,7 @@ from clip import CLIP, CLIPConfig, clip_loss
 from dataset import normalize, shuffled_batches
 from distributed import Process, local_clip_loss
 from hf_text import POOLINGS, PretrainedError, read_folder
-from image_encoder import IMAGE_ENCODERS, WeightsError, load_torchvision_weights
+from image_encoder import IMAGE_ENCODERS, TOWER_INPUTS, WeightsError, load_pretrained_weights
 from recipes import RECIPES, recipe
 from tasks import TASKS, Task
 from text_encoder import TEXT_ENCODERS, CharTokenizer
@@ -85,7 +85,7 @@ RENAMED_DATASETS = {"captions": "photos"}  # the old name of --dataset photos
 
 # Read before the whole command line: they choose the recipe that fills its defaults, or the run to resume.
 first_pass = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-for flag in ("--dataset", "--captions", "--resume"):
+for flag in ("--dataset", "--captions", "--resume", "--image-encoder", "--pretrained-weights"):
     first_pass.add_argument(flag)
 first_pass.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
 
@@ -135,7 +135,9 @@ def parse_args(argv: list[str] | None = None, resumed: dict | None = None) -> ar
     add("--image-size", type=positive_int, help="pixels on a side of the photos")
     add("--image-widths", type=int_tuple, default=model.image_widths, help="resnet: channels of each stage")
     add("--blocks-per-stage", type=positive_int, default=model.image_blocks_per_stage, help="resnet: blocks per stage")
-    add("--pretrained-weights", type=Path, help="a torchvision resnet18 .pth to start from")
+    add("--pretrained-weights", type=Path, help="ImageNet weights (.pth) of the --image-encoder to start from")
+    add("--lock-image", action="store_true", help="freeze the pretrained image tower (LiT); only its projection trains")
+    add("--lock-image-unlocked-groups", type=int, default=0, help="with --lock-image: its last stages that still train")
     add("--embed-dim", type=positive_int, default=model.embed_dim, help="size of the shared embedding space")
     add("--captions", choices=CAPTION_KINDS, help="what captions say")
     add("--text-encoder", choices=TEXT_ENCODERS, help="transformer, lstm: read any sentence")
@@ -156,7 +158,13 @@ def parse_args(argv: list[str] | None = None, resumed: dict | None = None) -> ar
     if dataset in RENAMED_DATASETS:
         p.error(f"--dataset {dataset} is now called --dataset {RENAMED_DATASETS[dataset]}: use that name")
     if dataset in RECIPES:  # else the parse below names the choices
-        p.set_defaults(**recipe(dataset, first.captions or resumed.get("captions")))
+        captions = first.captions or resumed.get("captions")
+        tower = (
+            (first.image_encoder or resumed.get("image_encoder"))
+            if first.pretrained_weights or resumed.get("pretrained_weights")
+            else None
+        )
+        p.set_defaults(**recipe(dataset, captions, tower))
     p.set_defaults(**resumed)
     args = p.parse_args(argv)
     if args.text_pretrained is not None:
@@ -170,8 +178,10 @@ def parse_args(argv: list[str] | None = None, resumed: dict | None = None) -> ar
 
 def pretrained_settings_error(args: argparse.Namespace) -> str | None:
     """What is wrong with the settings of pretrained towers, in one line; None when they fit."""
-    if args.pretrained_weights is not None and args.image_encoder != "resnet18":
-        return "--pretrained-weights loads torchvision's resnet18: add --image-encoder resnet18"
+    if args.pretrained_weights is not None and args.image_encoder not in TOWER_INPUTS:
+        return f"--pretrained-weights loads a photo tower: add --image-encoder {' or '.join(TOWER_INPUTS)}"
+    if args.lock_image and args.pretrained_weights is None:
+        return "--lock-image locks a pretrained image tower: add --pretrained-weights FILE"
     if args.text_encoder == "pretrained" and args.text_pretrained is None:
         return "--text-encoder pretrained reads a Hugging Face folder: give it with --text-pretrained FOLDER"
     if args.lock_text and args.text_pretrained is None:
@@ -271,8 +281,13 @@ def new_run(
     """A run at step 0: the model, its moving average, AdamW and the one-cycle schedule."""
     device = args.device
     model = CLIP(config).to(device).to(memory_format=torch.channels_last)
-    if args.lock_text:
-        model.text_encoder.lock(args.lock_text_unlocked_layers)
+    try:
+        if args.lock_image:
+            model.lock("image", args.lock_image_unlocked_groups)
+        if args.lock_text:
+            model.lock("text", args.lock_text_unlocked_layers)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}: lower --lock-image-unlocked-groups or --lock-text-unlocked-layers") from None
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
     average = MovingAverage(model, args.ema_decay)
     state = RunState(
@@ -451,10 +466,10 @@ def start_from_pretrained(state: RunState, average: MovingAverage, args: argpars
     model = state.training_model
     if args.pretrained_weights is not None:
         try:
-            fresh = load_torchvision_weights(model.image_encoder, args.pretrained_weights)
+            fresh = load_pretrained_weights(model.image_encoder, args.image_encoder, args.pretrained_weights)
         except WeightsError as error:
             raise SystemExit(f"error: {error}") from None
-        print(f"image encoder from {args.pretrained_weights}; trained from scratch: {', '.join(fresh) or 'nothing'}")
+        print(f"image encoder from {args.pretrained_weights}; trained from scratch: {', '.join(fresh)}")
     if args.text_pretrained is not None:
         model.text_encoder.load_folder_weights(args.text_pretrained)
         print(f"text encoder from {args.text_pretrained}, {model.config.text_model['pooling']} pooling")

@@ -8,13 +8,13 @@ import torch
 
 from clip import CLIP, CLIPConfig
 from dataset import PHOTO_MEAN, PHOTO_STD, normalize
-from image_encoder import WeightsError, load_torchvision_weights, resnet18
+from image_encoder import WeightsError, image_tower, load_pretrained_weights
 from photos import random_resized_crop
 
 
 @pytest.mark.parametrize("size, stem_stride, pooled", [(32, 1, False), (128, 2, True)])
 def test_resnet18_has_a_small_image_stem_below_96_pixels(size: int, stem_stride: int, pooled: bool):
-    encoder = resnet18(embed_dim=16, in_channels=3, image_size=size)
+    encoder = image_tower("resnet18", embed_dim=16, in_channels=3, image_size=size)
     assert encoder.conv1.stride == (stem_stride, stem_stride)
     assert isinstance(encoder.maxpool, torch.nn.MaxPool2d) == pooled
     assert encoder(torch.randn(2, 3, size, size)).shape == (2, 16)
@@ -43,13 +43,13 @@ def torchvision_weights(path: Path) -> dict:
 
 def test_torchvision_weights_load_except_the_classifier_and_a_small_stem(tmp_path: Path):
     weights = torchvision_weights(tmp_path / "resnet18.pth")
-    encoder = resnet18(embed_dim=16, in_channels=3, image_size=32)
-    fresh = load_torchvision_weights(encoder, tmp_path / "resnet18.pth")
+    encoder = image_tower("resnet18", embed_dim=16, in_channels=3, image_size=32)
+    fresh = load_pretrained_weights(encoder, "resnet18", tmp_path / "resnet18.pth")
     assert fresh == ["conv1.weight", "fc.bias", "fc.weight"]
     assert torch.equal(encoder.layer3[1].conv2.weight, weights["layer3.1.conv2.weight"])
     assert torch.equal(encoder.bn1.running_var, weights["bn1.running_var"])
-    large = resnet18(embed_dim=16, in_channels=3, image_size=224)
-    assert load_torchvision_weights(large, tmp_path / "resnet18.pth") == ["fc.bias", "fc.weight"]
+    large = image_tower("resnet18", embed_dim=16, in_channels=3, image_size=224)
+    assert load_pretrained_weights(large, "resnet18", tmp_path / "resnet18.pth") == ["fc.bias", "fc.weight"]
     assert torch.equal(large.conv1.weight, weights["conv1.weight"])
 
 
@@ -69,7 +69,7 @@ def test_weights_that_are_not_resnet18s_give_one_line(tmp_path: Path, content, m
     elif content is not None:
         torch.save(content, path)
     with pytest.raises(WeightsError, match=message) as error:
-        load_torchvision_weights(resnet18(16, 3, 32), path)
+        load_pretrained_weights(image_tower("resnet18", 16, 3, 32), "resnet18", path)
     assert "\n" not in str(error.value)
 
 

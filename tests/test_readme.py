@@ -39,7 +39,8 @@ def flags_of(module_name: str, monkeypatch) -> set[str]:
 def commands() -> list[tuple[str, str, str]]:
     found = []
     for readme in READMES:
-        for match in COMMAND.finditer((REPO / readme).read_text(encoding="utf-8")):
+        text = (REPO / readme).read_text(encoding="utf-8").replace("\\\n", " ")  # a command continued on the next line
+        for match in COMMAND.finditer(text):
             script, rest = match.group(1).replace("/", "."), match.group(2)
             if script in ("pip", "pytest") or not (REPO / (script.replace(".", "/") + ".py")).is_file():
                 continue
