@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from image_encoder import IMAGE_ENCODERS, ImageEncoder, image_tower, tower_groups
+from image_encoder import IMAGE_ENCODERS, ImageEncoder, image_tower, tower_groups, tower_head
 from text_encoder import (
     DIGIT_CAPTIONS,
     TEXT_ENCODERS,
@@ -136,6 +136,11 @@ class CLIP(nn.Module):
         return getattr(self.text_encoder, "tokenize", self.tokenizer)(captions)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(N, C, H, W) normalised images, or (N, F) a locked tower's cached features (feature_cache.py)
+        -> (N, embed_dim), unit norm unless normalize=False."""
+        if images.ndim == 2:
+            features = tower_head(self.image_encoder, self.config.image_encoder)(images).float()
+            return F.normalize(features, dim=-1) if normalize else features
         features = self.image_encoder(images).float()  # the cosines and the loss stay in fp32
         if self.config.image_mirror_average and not self.training:
             features = (features + self.image_encoder(images.flip(-1)).float()) / 2

@@ -200,6 +200,14 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return (images.float() / 255.0 - mean) / std
 
 
+def model_input(images: torch.Tensor) -> torch.Tensor:
+    """What the image encoder reads: uint8 images normalised (channels last, the faster layout for convolutions
+    on CPUs and GPUs alike), or a locked tower's cached (N, F) features as they are (feature_cache.py)."""
+    if images.dtype != torch.uint8:
+        return images
+    return normalize(images).contiguous(memory_format=torch.channels_last)
+
+
 @dataclass
 class Augmentation:
     """How training images are varied, each its own way, on the device: the small changes of
@@ -213,6 +221,11 @@ class Augmentation:
         0.0  # the share of images in which a random rectangle is blanked (random erasing, Zhong et al., 2020)
     )
     stroke: float = 0.0  # the share of images whose strokes are drawn thicker or thinner (random_stroke_width)
+
+    @property
+    def varies(self) -> bool:
+        """Whether it changes the images at all."""
+        return any((self.max_shift, self.max_rotation, self.max_scale, self.flip, self.erase, self.stroke))
 
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         if self.stroke > 0:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from clip import CLIP
-from dataset import normalize
+from dataset import model_input
 from distributed import ONE_PROCESS, Process, gathered_parts, part
 from metrics import image_caption_retrieval, zero_shot_classification
 from text_encoder import TextError, normalize_text
@@ -24,7 +24,7 @@ def embed_images(model, images: torch.Tensor, precision: str = "fp32", batch_siz
     device = next(model.parameters()).device
     chunks = []
     for start in range(0, len(images), batch_size):
-        batch = normalize(images[start : start + batch_size].to(device)).contiguous(memory_format=torch.channels_last)
+        batch = model_input(images[start : start + batch_size].to(device))
         with autocast(device, precision):
             chunks.append(model.encode_image(batch))
     model.train(was_training)

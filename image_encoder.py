@@ -112,6 +112,10 @@ class EfficientNetTower(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images * self.scale + self.shift)
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, F) pooled features, before the projection."""
+        return self.model.forward_head(self.model.forward_features(images * self.scale + self.shift), pre_logits=True)
+
 
 def timm_module():
     try:
@@ -161,3 +165,19 @@ def tower_groups(encoder: nn.Module, name: str) -> list[nn.Module]:
         model = encoder.model
         return [nn.ModuleList([model.conv_stem, model.bn1]), *model.blocks, nn.ModuleList([model.conv_head, model.bn2])]
     return [nn.ModuleList([encoder.conv1, encoder.bn1]), encoder.layer1, encoder.layer2, encoder.layer3, encoder.layer4]
+
+
+def tower_head(encoder: nn.Module, name: str) -> nn.Linear:
+    """A photo tower's projection to the shared embedding, which reads its pooled features."""
+    return encoder.model.classifier if name in EFFICIENTNETS else encoder.fc
+
+
+def tower_features(encoder: nn.Module, name: str, images: torch.Tensor) -> torch.Tensor:
+    """(N, F) a photo tower's pooled features of normalised images: all of it but the projection."""
+    if name in EFFICIENTNETS:
+        return encoder.features(images)
+    head, encoder.fc = encoder.fc, nn.Identity()  # torchvision's ResNet pools, flattens, then applies fc
+    try:
+        return encoder(images)
+    finally:
+        encoder.fc = head

@@ -128,6 +128,11 @@ class PhotoAugmentation:
     crop_area: float = 0.5  # the smallest share of the photo a crop keeps; 1: no cropping
     flip: bool = True
 
+    @property
+    def varies(self) -> bool:
+        """Whether it changes the photos at all: a locked tower's features of unvaried ones can be cached."""
+        return self.crop_area < 1 or self.flip
+
     def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         return random_resized_crop(images, self.crop_area, self.flip, generator)
 

