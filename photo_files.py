@@ -1,9 +1,11 @@
 """Image–caption collections read from files, for `train.py --dataset photos --data-dir PATH`.
 
-Three layouts are recognised (`LAYOUTS`): a JSON list of images and their captions, an
-images/ folder beside a captions/ folder, and Flickr8k as it is distributed, with its
-official split files when they are there. Otherwise images are split by a seed, by image,
-so that no image's captions straddle train, validation and test.
+Four layouts are recognised (`LAYOUTS`), in this order: Karpathy's split JSON of Flickr8k,
+Flickr30k or COCO (dataset_flickr8k.json and its kin, with the train/val/test split that
+retrieval papers use), a JSON list of images and their captions, an images/ folder beside a
+captions/ folder, and Flickr8k as it is distributed, with its official split files when they
+are there. A collection without a split of its own is split by a seed, by image, so that no
+image's captions straddle train, validation and test.
 
 Each image is decoded once, in colour, its shorter side scaled to the image size and its
 middle cropped square, and all of them are kept in one uint8 .npy cache keyed by the image
@@ -37,6 +39,9 @@ from tqdm import tqdm
 from dataset import DataError
 
 LAYOUTS = {
+    "karpathy": "Karpathy's split file dataset_flickr8k.json, dataset_flickr30k.json or dataset_coco.json, "
+    "here or given itself, with its images in Images/ or Flicker8k_Dataset/ (Flickr8k), flickr30k-images/ or "
+    "Images/ (Flickr30k), their filepath folder such as val2014/ (COCO), or beside it",
     "json": 'a .json file, or a folder holding exactly one, listing {"image_path": ..., "caption": "..."} '
     'or {"image_path": ..., "captions": ["...", ...]} objects',
     "folders": "images/ beside captions/, one captions/<stem>.txt of one caption per line for each image",
@@ -50,6 +55,11 @@ FLICKR_TEXT_FOLDERS = (
 FLICKR_CAPTION_FILES = ("captions.txt", "Flickr8k.token.txt")
 FLICKR_IMAGE_FOLDERS = ("Images", "Flicker8k_Dataset")  # sic: the original archive misspells it
 FLICKR_SPLIT_FILES = ("Flickr_8k.trainImages.txt", "Flickr_8k.devImages.txt", "Flickr_8k.testImages.txt")
+KARPATHY_FILES = ("dataset_flickr8k.json", "dataset_flickr30k.json", "dataset_coco.json")
+# Where each collection's images are looked for beside its split file, in order, before the split file's own folder;
+# a COCO entry names its folder itself, in "filepath" (train2014, val2014).
+KARPATHY_IMAGE_FOLDERS = {"flickr8k": FLICKR_IMAGE_FOLDERS, "flickr30k": ("flickr30k-images", "Images"), "coco": ()}
+KARPATHY_SPLITS = {"train": 0, "restval": 0, "val": 1, "test": 2}  # restval: COCO's validation images trained on
 CACHE_FORMAT = 1  # raise it when what the cache holds changes, so that older caches miss
 DECODE_AHEAD = 64  # images decoding at once: memory stays bounded whatever the collection's size
 PROGRESS_FROM = 1_000  # images; fewer decode in a few seconds, without a progress bar
@@ -122,7 +132,7 @@ class Collection:
     test: CaptionedPhotos
     layout: str  # a key of LAYOUTS; "tensors" for collection_from_tensors
     source: str  # what was read, in words, e.g. "captions.txt and Images/ in DIR"
-    official_splits: bool  # Flickr8k's own split files were used
+    official_splits: bool  # the collection's own split was used: Flickr8k's split files or Karpathy's split JSON
     skipped: list[str]  # one line per skipped entry: "<what>: <why>", in the order met
     cache: Path | None  # the cache file used (None for collection_from_tensors)
     cache_hit: bool  # read from the cache (True) or decoded and written now (False)
@@ -177,9 +187,10 @@ def load_collection(
     (3, image_size, image_size) uint8. The images come from the cache in `cache_dir` when it holds
     these very files at this size and split, else they are decoded and cached there; they are held
     in memory when they take at most `max_in_memory_bytes` (default: a quarter of the machine's
-    memory), else memory-mapped. The splits are Flickr8k's official ones when its three split files
-    are there, else split_by_image(files, split_seed, held_out_fraction). DataError says what is
-    wrong and what to do when the collection cannot be read or nothing usable is left."""
+    memory), else memory-mapped. The splits are the collection's own when it has them (Karpathy's
+    split JSON, Flickr8k's three split files), else split_by_image(files, split_seed,
+    held_out_fraction). DataError says what is wrong and what to do when the collection cannot be
+    read or nothing usable is left."""
     if image_size < 1:
         raise DataError(f"the image size must be at least 1 pixel, got {image_size}")
     listing = read_listing(Path(data_dir))
@@ -194,12 +205,9 @@ def load_collection(
         splits = [sorted(file for file in official if file in stats) for official in listing.official]
         in_a_split = set().union(*splits)
         outside = sorted(file for file in stats if file not in in_a_split)
-        for split, split_file in zip(splits, FLICKR_SPLIT_FILES, strict=True):
+        for index, split in enumerate(splits):
             if not split:
-                raise DataError(
-                    f"none of the {len(stats):,} usable images of {listing.source} is named in {split_file}: is it "
-                    "Flickr8k's?"
-                )
+                raise empty_official_split(listing, index, len(stats))
     cache = Path(cache_dir) / f"captions-{image_size}px-{cache_key(splits, stats, image_size)}.npy"
     budget = memory_budget() if max_in_memory_bytes is None else max_in_memory_bytes
     cached = read_cache(cache, image_size, budget)
@@ -333,6 +341,18 @@ def nothing_usable(source: str, skipped: list[str]) -> DataError:
     return DataError(f"no usable image–caption pair in {source}: " + (named(skipped) if skipped else "it lists none"))
 
 
+def empty_official_split(listing: Listing, index: int, usable: int) -> DataError:
+    """Why split `index` (0 train, 1 validation, 2 test) of a collection's own split holds no usable image."""
+    if listing.layout == "karpathy":
+        split = ('"train" or "restval"', '"val"', '"test"')[index]
+        why = named(listing.skipped) if listing.skipped else "it gives that split no image"
+        return DataError(f"none of the {usable:,} usable images of {listing.source} has the split {split}: {why}")
+    return DataError(
+        f"none of the {usable:,} usable images of {listing.source} is named in {FLICKR_SPLIT_FILES[index]}: is it "
+        "Flickr8k's?"
+    )
+
+
 # Layouts: what each collection's text files say.
 
 
@@ -346,11 +366,22 @@ def read_listing(data_dir: Path) -> Listing:
         if data_dir.suffix.lower() == ".json":
             return read_json_listing(data_dir)
         raise DataError(f"--data-dir {data_dir} is a file but not a .json caption list: pass a .json file or a folder")
-    json_files = [
+    json_files = sorted(
         path
         for path in data_dir.iterdir()
         if path.suffix.lower() == ".json" and not path.name.startswith(".") and path.is_file()
-    ]
+    )
+    karpathy_files = [path for path in json_files if path.name in KARPATHY_FILES]
+    if len(karpathy_files) > 1:
+        raise DataError(
+            f"{data_dir} holds {' and '.join(path.name for path in karpathy_files)}, Karpathy's splits of different "
+            "collections: pass the one meant as --data-dir"
+        )
+    if karpathy_files:
+        # The split file wins over Flickr8k's caption files beside it: its split is the one retrieval papers use.
+        caption_files = [path for name in FLICKR_CAPTION_FILES if (path := flickr_text_file(data_dir, name))]
+        not_used = [path for path in json_files + caption_files if path != karpathy_files[0]]
+        return read_json_listing(karpathy_files[0], [path.relative_to(data_dir).as_posix() for path in not_used])
     if len(json_files) == 1:
         return read_json_listing(json_files[0])
     if (data_dir / "images").is_dir() and (data_dir / "captions").is_dir():
@@ -363,9 +394,10 @@ def read_listing(data_dir: Path) -> Listing:
     raise DataError(f"no image–caption collection recognised in {data_dir}; looked for {looked_for}")
 
 
-def read_json_listing(path: Path) -> Listing:
+def read_json_listing(path: Path, not_used: list[str] | None = None) -> Listing:
     """A JSON list of {"image_path", "caption"} or {"image_path", "captions"} objects; an image may
-    appear in several. Relative image paths are taken from the JSON file's folder."""
+    appear in several. Relative image paths are taken from the JSON file's folder. Karpathy's split
+    JSON is read by read_karpathy_listing, saying that the files `not_used` beside it were not."""
     listing = Listing("json", f"{path.name} in {path.parent}", path.parent)
     try:
         entries = json.loads(read_text(path))
@@ -373,6 +405,8 @@ def read_json_listing(path: Path) -> Listing:
         raise DataError(
             f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}; correct it there"
         ) from error
+    if is_karpathy(path, entries):
+        return read_karpathy_listing(path, entries, not_used or [])
     if not isinstance(entries, list):
         raise DataError(
             f'the top level of {path} is not a JSON list: make it a list of {{"image_path": ..., "caption": ...}} '
@@ -395,6 +429,62 @@ def read_json_listing(path: Path) -> Listing:
             file = collection_path(path.parent, image_path)
             for text in texts:
                 listing.add(file, text, what)
+    return listing
+
+
+def is_karpathy(path: Path, data: object) -> bool:
+    """Whether `data`, read from `path`, is Karpathy's split JSON: {"images": [...]} in a file of his name, or
+    whose first image has "sentences"; COCO's own annotation files, {"images": [...], "annotations": [...]}, are
+    not."""
+    images = data.get("images") if isinstance(data, dict) else None
+    if not isinstance(images, list):
+        return False
+    return path.name in KARPATHY_FILES or any(isinstance(image, dict) and "sentences" in image for image in images[:1])
+
+
+def read_karpathy_listing(path: Path, data: dict, not_used: list[str]) -> Listing:
+    """Karpathy's split of Flickr8k, Flickr30k or COCO: {"images": [{"filename", "filepath" (COCO),
+    "split", "sentences": [{"raw"}, ...]}, ...], "dataset"}, each image's captions its sentences' raw
+    texts and its split train (with restval), val or test. The images are looked for in the first of
+    the collection's KARPATHY_IMAGE_FOLDERS beside the file that exists, else beside the file itself."""
+    root = path.parent
+    kind = data.get("dataset") if isinstance(data.get("dataset"), str) else path.stem.removeprefix("dataset_")
+    kind = kind.lower()
+    folder = next((name for name in KARPATHY_IMAGE_FOLDERS.get(kind, ()) if (root / name).is_dir()), None)
+    where = f"{folder}/" if folder else "its images beside it"
+    unused = f" ({', '.join(not_used)} not used)" if not_used else ""
+    listing = Listing("karpathy", f"Karpathy's split {path.name} with {where} in {root}{unused}", root)
+    listing.official = [[], [], []]
+    first_entry: dict[str, int] = {}  # image file -> the entry that named it
+    for number, entry in enumerate(data["images"], start=1):
+        what = f"{path.name} image {number}"
+        if not isinstance(entry, dict):
+            listing.skip(what, "not an object")
+            continue
+        filename, filepath = entry.get("filename"), entry.get("filepath", "")
+        split, sentences = entry.get("split"), entry.get("sentences")
+        if not isinstance(filename, str) or not filename.strip() or not isinstance(filepath, str):
+            listing.skip(what, 'no "filename" string')
+            continue
+        file = collection_path(root, "/".join(part for part in (folder, filepath, filename.strip()) if part))
+        what = f"{what} ({file})"
+        if split is None:
+            listing.skip(what, 'no "split"')
+        elif not isinstance(split, str) or split not in KARPATHY_SPLITS:
+            listing.skip(what, f"split {json.dumps(split)} is none of train, val, test and restval")
+        elif not isinstance(sentences, list) or not sentences:
+            listing.skip(what, 'no "sentences"')
+        elif file in first_entry:
+            listing.skip(what, f"repeats image {first_entry[file]}: keep one")
+        else:
+            first_entry[file] = number
+            listing.official[KARPATHY_SPLITS[split]].append(file)
+            for count, sentence in enumerate(sentences, start=1):
+                raw = sentence.get("raw") if isinstance(sentence, dict) else None
+                if isinstance(raw, str):
+                    listing.add(file, raw, f"{what} sentence {count}")
+                else:
+                    listing.skip(f"{what} sentence {count}", 'no "raw" string')
     return listing
 
 

@@ -113,6 +113,33 @@ def write_official_splits(folder: Path) -> None:
         (folder / f"Flickr_8k.{name}Images.txt").write_text(images)
 
 
+KARPATHY_SPLIT = {
+    "wide.png": "train",
+    "tall.jpg": "restval",
+    "grey.png": "val",
+    "clear.png": "test",
+    "square.png": "train",
+}
+
+
+def karpathy_entries(filepath: str | None = None) -> list[dict]:
+    """Karpathy's entries of PICTURES, split by KARPATHY_SPLIT; each sentence's tokens differ from its raw text."""
+    entries = [
+        {
+            "filename": name,
+            "imgid": number,
+            "split": KARPATHY_SPLIT[name],
+            "sentences": [{"raw": caption, "tokens": ["not", "this"]} for caption in CAPTIONS[name]],
+        }
+        for number, name in enumerate(PICTURES)
+    ]
+    return [{**entry, "filepath": filepath} for entry in entries] if filepath else entries
+
+
+def write_karpathy(path: Path, entries: list, dataset: str = "flickr8k") -> None:
+    write_json(path, {"images": entries, "dataset": dataset})
+
+
 def seed_training_on(files: list[str], damaged: list[str]) -> int:
     """A split seed that puts the `damaged` files in the training split, so that skipping them leaves
     no held-out split of these few images empty."""
@@ -197,6 +224,132 @@ def test_flickr8k_official_splits_are_respected_and_images_in_none_left_out(tmp_
     assert collection.outside_splits == [f"{folder}square.png"]
     assert caption_pairs(collection) == [pair for pair in expected_pairs(folder) if "square" not in pair[0]]
     assert "official splits 2 / 1 / 1 images (1 images in no split left out)" in describe(collection)[0]
+
+
+def test_karpathy_split_json_gives_its_own_splits_with_restval_in_training_and_raw_captions(tmp_path):
+    data = tmp_path / "data"
+    write_pictures(data / "Images")
+    write_karpathy(data / "dataset_flickr8k.json", karpathy_entries())
+
+    collection = load(data, tmp_path)
+
+    assert collection.layout == "karpathy" and collection.official_splits
+    assert [split.files for split in splits(collection)] == [
+        ["Images/square.png", "Images/tall.jpg", "Images/wide.png"],  # tall.jpg is restval
+        ["Images/grey.png"],
+        ["Images/clear.png"],
+    ]
+    assert caption_pairs(collection) == expected_pairs("Images/")
+    assert collection.skipped == [] and collection.outside_splits == []
+    assert collection.source == f"Karpathy's split dataset_flickr8k.json with Images/ in {data}"
+    assert "official splits 3 / 1 / 1 images" in describe(collection)[0]
+
+
+@pytest.mark.parametrize(
+    "name, folder, filepath",
+    [
+        ("dataset_flickr8k.json", "Flicker8k_Dataset", None),
+        ("dataset_flickr30k.json", "flickr30k-images", None),
+        ("dataset_coco.json", None, "val2014"),
+        ("dataset_flickr8k.json", None, None),
+    ],
+    ids=["flickr8k", "flickr30k", "coco", "beside"],
+)
+def test_a_karpathy_json_given_itself_finds_the_images_where_its_collection_keeps_them(
+    tmp_path, name, folder, filepath
+):
+    data = tmp_path / "data"
+    write_pictures(data / (folder or filepath or "."))
+    write_karpathy(data / name, karpathy_entries(filepath), dataset=name.removeprefix("dataset_").removesuffix(".json"))
+
+    collection = load(data / name, tmp_path)
+
+    prefix = f"{folder or filepath}/" if folder or filepath else ""
+    assert collection.layout == "karpathy" and collection.official_splits and collection.skipped == []
+    assert caption_pairs(collection) == expected_pairs(prefix)
+    assert collection.test.files == [f"{prefix}clear.png"]
+    where = f"{folder}/" if folder else "its images beside it"
+    assert collection.source == f"Karpathy's split {name} with {where} in {data}"
+
+
+def test_a_folder_with_karpathy_json_and_flickr8k_captions_uses_the_json_and_says_so(tmp_path):
+    data = tmp_path / "data"
+    write_flickr8k_csv(data)
+    write_karpathy(data / "dataset_flickr8k.json", karpathy_entries())
+
+    collection = load(data, tmp_path)
+
+    assert collection.layout == "karpathy" and collection.official_splits  # captions.txt alone is split by seed
+    assert collection.val.files == ["Images/grey.png"] and collection.test.files == ["Images/clear.png"]
+    source = f"Karpathy's split dataset_flickr8k.json with Images/ in {data} (captions.txt not used)"
+    assert collection.source == source
+    assert describe(collection)[0].startswith(f"found karpathy layout, {source}: 5 images, 8 captions;")
+
+
+def test_a_karpathy_image_whose_file_is_missing_is_skipped_and_counted(tmp_path):
+    data = tmp_path / "data"
+    write_pictures(data / "Images")
+    (data / "Images" / "square.png").unlink()
+    write_karpathy(data / "dataset_flickr8k.json", karpathy_entries())
+
+    collection = load(data, tmp_path)
+
+    assert collection.train.files == ["Images/tall.jpg", "Images/wide.png"]
+    assert collection.skipped == ["Images/square.png: missing"]
+    assert describe(collection)[-1] == "skipped 1 entry: Images/square.png: missing"
+
+
+def test_bad_karpathy_entries_are_skipped_one_line_each_with_their_reason(tmp_path):
+    data = tmp_path / "data"
+    write_pictures(data / "Images")
+    entries = karpathy_entries() + [
+        {"filename": "tall.jpg", "split": "dev", "sentences": [{"raw": "a tower"}]},  # 6
+        {"filename": "wide.png", "split": "train"},  # 7
+        {"filename": "wide.png", "split": "train", "sentences": []},  # 8
+        {"filename": "grey.png", "split": "test", "sentences": [{"raw": "grey again"}]},  # 9: grey.png is in val
+        {"split": "train", "sentences": [{"raw": "where?"}]},  # 10
+        "a string",  # 11
+        {"filename": "tall.jpg", "split": ["train"], "sentences": [{"raw": "a tower"}]},  # 12
+        {"filename": "tall.jpg", "sentences": [{"raw": "a tower"}]},  # 13
+    ]
+    entries[0]["sentences"] += [{"tokens": ["no", "raw"]}, {"raw": "  "}]  # wide.png's sentences 3 and 4
+    write_karpathy(data / "dataset_flickr8k.json", entries)
+
+    collection = load(data, tmp_path)
+
+    assert caption_pairs(collection) == expected_pairs("Images/")
+    assert collection.val.files == ["Images/grey.png"] and collection.test.files == ["Images/clear.png"]
+    named = "dataset_flickr8k.json image"
+    assert collection.skipped == [
+        f'{named} 1 (Images/wide.png) sentence 3: no "raw" string',
+        f"{named} 1 (Images/wide.png) sentence 4: empty caption",
+        f'{named} 6 (Images/tall.jpg): split "dev" is none of train, val, test and restval',
+        f'{named} 7 (Images/wide.png): no "sentences"',
+        f'{named} 8 (Images/wide.png): no "sentences"',
+        f"{named} 9 (Images/grey.png): repeats image 3: keep one",
+        f'{named} 10: no "filename" string',
+        f"{named} 11: not an object",
+        f'{named} 12 (Images/tall.jpg): split ["train"] is none of train, val, test and restval',
+        f'{named} 13 (Images/tall.jpg): no "split"',
+    ]
+
+
+def test_a_karpathy_split_left_without_usable_images_is_refused(tmp_path):
+    data = tmp_path / "data"
+    write_pictures(data / "Images")
+    (data / "Images" / "clear.png").unlink()  # the only test image
+    write_karpathy(data / "dataset_flickr8k.json", karpathy_entries())
+    with pytest.raises(DataError) as error:
+        load(data, tmp_path)
+    assert_one_line_naming(error, 'has the split "test"', "dataset_flickr8k.json", "Images/clear.png: missing")
+
+
+def test_two_karpathy_files_in_one_folder_are_refused(tmp_path):
+    for name in ("dataset_flickr8k.json", "dataset_coco.json"):
+        write_karpathy(tmp_path / "data" / name, karpathy_entries())
+    with pytest.raises(DataError) as error:
+        load(tmp_path / "data", tmp_path)
+    assert_one_line_naming(error, "dataset_coco.json and dataset_flickr8k.json", "pass the one meant as --data-dir")
 
 
 def test_an_image_in_two_official_splits_is_refused(tmp_path):
@@ -419,8 +572,10 @@ def test_bad_json_entries_are_skipped_one_line_each_and_the_rest_loads(tmp_path)
     [
         ('[\n  {"image_path": "a.png" "caption": "x"}\n]', ["not valid JSON", "line 2, column 26"]),
         ('{"image_path": "a.png", "caption": "x"}', ["top level", "not a JSON list"]),
+        # COCO's own annotations hold "images" too, but are not Karpathy's split.
+        ('{"images": [{"file_name": "a.png", "id": 1}], "annotations": []}', ["top level", "not a JSON list"]),
     ],
-    ids=["malformed", "not-a-list"],
+    ids=["malformed", "not-a-list", "coco-annotations"],
 )
 def test_a_json_file_that_is_not_a_list_of_entries_is_refused_in_one_line(tmp_path, text, words):
     (tmp_path / "captions.json").write_text(text)
@@ -498,13 +653,22 @@ def test_a_captions_csv_without_its_header_is_refused(tmp_path):
     assert_one_line_naming(error, "captions.txt", "image,caption")
 
 
-def test_a_folder_of_no_known_layout_is_refused_naming_the_three(tmp_path):
+def test_a_folder_of_no_known_layout_is_refused_naming_the_layouts(tmp_path):
     for name in ("a.json", "b.json", "notes.txt"):  # two JSON files: which one is meant?
         (tmp_path / "data" / name).parent.mkdir(exist_ok=True)
         (tmp_path / "data" / name).write_text("[]")
     with pytest.raises(DataError) as error:
         load(tmp_path / "data", tmp_path)
-    assert_one_line_naming(error, str(tmp_path / "data"), "json:", "folders:", "flickr8k:", "Flickr8k.token.txt")
+    assert_one_line_naming(
+        error,
+        str(tmp_path / "data"),
+        "karpathy:",
+        "dataset_coco.json",
+        "json:",
+        "folders:",
+        "flickr8k:",
+        "Flickr8k.token.txt",
+    )
 
 
 def test_a_data_dir_that_does_not_exist_is_refused(tmp_path):
