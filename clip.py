@@ -151,7 +151,10 @@ class CLIP(nn.Module):
         # and the casts cost more than they save: a transformer step on 215 captions took 158 ms in
         # bf16 and 56 ms in fp32. So text is read in fp32 there, even under autocast.
         with torch.autocast("cpu", enabled=False):
-            features = self.text_encoder(tokens).float()
+            if tokens.is_floating_point():  # (N, H) a locked pretrained tower's pooled features, computed once
+                features = self.text_encoder.projection(tokens).float()
+            else:
+                features = self.text_encoder(tokens).float()
         return F.normalize(features, dim=-1) if normalize else features
 
     def encode_classes(self, class_captions: tuple[tuple[str, ...], ...] | None = None) -> torch.Tensor:

@@ -114,6 +114,20 @@ class PretrainedTextEncoder(nn.Module):
         )["input_ids"]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.pooled(tokens))
+
+    @torch.no_grad()  # not inference mode: the projection trains on these features
+    def pooled_features(self, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+        """(N, H) every caption's pooled features, in eval mode: what a locked tower gives its captions in every
+        step, so that training computes them once and then reads them (CLIP.encode_text)."""
+        modes = [(module, module.training) for module in self.modules()]  # restored one by one: some are locked
+        self.eval()
+        chunks = [self.pooled(tokens[start : start + batch_size]) for start in range(0, len(tokens), batch_size)]
+        for module, training in modes:
+            module.training = training
+        return torch.cat(chunks)
+
+    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
         mask = tokens != self.tokenizer.pad_token_id  # (N, L): the caption's own tokens
         hidden = self.model(input_ids=tokens, attention_mask=mask.long()).last_hidden_state  # (N, L, H)
         if self.pooling == "cls":
@@ -123,4 +137,4 @@ class PretrainedTextEncoder(nn.Module):
         else:
             keep = mask[..., None].to(hidden.dtype)
             pooled = (hidden * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
-        return self.projection(pooled)
+        return pooled

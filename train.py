@@ -529,10 +529,13 @@ def run(argv: list[str] | None, stop: GracefulStop, process: Process) -> dict:
     else:
         start_from_pretrained(state, average, args)
     if args.lock_image and args.lock_image_unlocked_groups == 0 and not task.augment.varies:
-        # Every epoch would give each training photo the same features: the projection trains on them, cached.
-        task.train.images = locked_features(state.training_model, task.train.images, precision, args.cache_dir)
+        # Every epoch would give each photo the same features: the projection trains and is scored on them, cached.
+        for split in (task.train, task.val, task.test):
+            split.images = locked_features(state.training_model, split.images, precision, args.cache_dir)
         task.augment = unvaried
     tokens = state.training_model.tokenize(task.train.texts).to(args.device)
+    if args.lock_text and args.lock_text_unlocked_layers == 0:  # so do the captions of a locked text tower
+        tokens = state.training_model.text_encoder.pooled_features(tokens)
     model = distributed.wrap(state.training_model, process)
     if args.compile:
         model = torch.compile(model)

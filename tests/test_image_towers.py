@@ -136,12 +136,14 @@ def test_a_locked_towers_features_are_computed_once_and_recomputed_for_other_wei
     assert "read from" in capsys.readouterr().out
     assert all(torch.equal(first[name], again[name]) for name in first)  # the cache holds the same features
     # ... which are the tower's own features of the training photos.
-    (cached,) = (tmp_path / "cache").glob("features-*.pt")
+    cached = [torch.load(path, weights_only=True) for path in (tmp_path / "cache").glob("features-*.pt")]
+    assert len(cached) == 3  # the training, validation and test photos'
     model = load_model(tmp_path / "runs" / "first" / "best.pt")[0]
-    train_photos = load_collection(photos, 32, tmp_path / "cache").train.images
+    collection = load_collection(photos, 32, tmp_path / "cache")
     with torch.no_grad():
-        expected = tower_features(model.image_encoder, "efficientnet_lite0", model_input(train_photos))
-    assert torch.allclose(torch.load(cached, weights_only=True), expected, atol=1e-5)
+        for split in (collection.train, collection.val, collection.test):
+            expected = tower_features(model.image_encoder, "efficientnet_lite0", model_input(split.images))
+            assert any(f.shape == expected.shape and torch.allclose(f, expected, atol=1e-5) for f in cached)
     run(lite0_weights(tmp_path / "b.pth", seed=1), "other")
     assert "computed and cached" in capsys.readouterr().out
-    assert len(list((tmp_path / "cache").glob("features-*.pt"))) == 2
+    assert len(list((tmp_path / "cache").glob("features-*.pt"))) == 6

@@ -11,6 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 import train  # noqa: E402
 from checkpoint import load_checkpoint, load_model  # noqa: E402
+from distributed import ONE_PROCESS  # noqa: E402
 from hf_text import PretrainedError  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -134,3 +135,12 @@ def test_without_transformers_the_error_is_one_line_naming_the_install(bert_fold
     assert (
         done.stderr == "error: a pretrained text tower needs transformers: pip install -r requirements-pretrained.txt\n"
     )
+
+
+def test_a_locked_towers_caption_features_computed_once_are_what_it_reads_at_each_step(bert_folder: Path):
+    args = train.parse_args([*TINY, "--text-pretrained", str(bert_folder), "--lock-text"])
+    state, _ = train.new_run(args, train.model_config(args, train.TASKS["digits"](args)), 10, ONE_PROCESS)
+    model = state.training_model.train()
+    tokens = model.tokenize(["a handwritten seven", "the number 3", "zero"])
+    once = model.encode_text(model.text_encoder.pooled_features(tokens))
+    assert torch.allclose(once, model.encode_text(tokens), atol=1e-6)
