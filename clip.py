@@ -130,10 +130,13 @@ class CLIP(nn.Module):
             module.eval()
         return self
 
-    def tokenize(self, captions: list[str] | tuple[str, ...]) -> torch.Tensor:
-        """Captions -> the token tensor their text encoder reads; text_encoder.TextError when it cannot."""
+    def tokenize(self, captions: list[str] | tuple[str, ...], strict: bool = True) -> torch.Tensor:
+        """Captions -> the token tensor their text encoder reads; text_encoder.TextError when it cannot (for the
+        character encoders, not strict: only when a caption is empty)."""
         # The digit table and a pretrained tower bring their own tokenizer; the character encoders share one.
-        return getattr(self.text_encoder, "tokenize", self.tokenizer)(captions)
+        if hasattr(self.text_encoder, "tokenize"):
+            return self.text_encoder.tokenize(captions)
+        return self.tokenizer(captions, strict)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(N, C, H, W) normalised images, or (N, F) a locked tower's cached features (feature_cache.py)

@@ -46,12 +46,12 @@ def zero_shot_accuracy(model, images: torch.Tensor, labels: torch.Tensor, precis
 
 
 @torch.inference_mode()
-def embed_texts(model, texts: list[str], batch_size: int = 1000) -> torch.Tensor:
-    """Captions -> (N, embed_dim) unit-norm fp32 embeddings, in batches."""
+def embed_texts(model, texts: list[str], batch_size: int = 1000, strict: bool = True) -> torch.Tensor:
+    """Captions -> (N, embed_dim) unit-norm fp32 embeddings, in batches; strict as CLIP.tokenize."""
     device = model.logit_scale.device
     return torch.cat(
         [
-            model.encode_text(model.tokenize(texts[start : start + batch_size]).to(device))
+            model.encode_text(model.tokenize(texts[start : start + batch_size], strict).to(device))
             for start in range(0, len(texts), batch_size)
         ]
     )
@@ -64,7 +64,9 @@ def embed_captions(model, captions: list[str], process: Process = ONE_PROCESS) -
     distinct = sorted(set(captions))
     text_ids = {text: index for index, text in enumerate(distinct)}
     caption_text = torch.tensor([text_ids[caption] for caption in captions])
-    features = gathered_parts(embed_texts(model, distinct[part(len(distinct), process)]), len(distinct), process)
+    # A split's captions are scored as they are, even one written only in characters the model never read.
+    mine = distinct[part(len(distinct), process)]
+    features = gathered_parts(embed_texts(model, mine, strict=False), len(distinct), process)
     return features[caption_text.to(features.device)], caption_text.to(features.device)
 
 

@@ -52,19 +52,21 @@ class CharTokenizer:
     def vocabulary_size(self) -> int:
         return len(self.characters) + UNKNOWN + 1
 
-    def check(self, caption: str) -> str:
-        """The caption as it will be read; TextError if nothing of it can be read."""
+    def check(self, caption: str, strict: bool = True) -> str:
+        """The caption as it will be read; TextError if it is empty or, when strict, if nothing of it can be read."""
         text = normalize_text(caption)
         if not text:
             raise TextError(f"the caption {caption[:20]!r} is empty: write a few words")
-        if not any(character in self.ids for character in text[: self.max_length]):
+        if strict and not any(character in self.ids for character in text[: self.max_length]):
             raise TextError(
                 f"no character of {text[:20]!r} occurs in the training captions: write it in words this model has read"
             )
         return text
 
-    def __call__(self, captions: list[str] | tuple[str, ...]) -> torch.Tensor:
-        texts = [self.check(caption)[: self.max_length] for caption in captions]
+    def __call__(self, captions: list[str] | tuple[str, ...], strict: bool = True) -> torch.Tensor:
+        """strict=False reads a caption of only unseen characters as unknown ones, as a split's captions are scored:
+        a held-out caption may use an alphabet that no training caption did."""
+        texts = [self.check(caption, strict)[: self.max_length] for caption in captions]
         tokens = torch.full((len(texts), max(map(len, texts))), PAD, dtype=torch.long)
         for row, text in enumerate(texts):
             tokens[row, : len(text)] = torch.tensor([self.ids.get(character, UNKNOWN) for character in text])

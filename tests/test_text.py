@@ -29,6 +29,7 @@ from captions import (
 from checkpoint import load_model
 from clip import CLIP, CLIPConfig
 from dataset import Split
+from embeddings import embed_captions, embed_texts
 from text_encoder import DIGIT_CAPTIONS, PAD, UNKNOWN, CharTokenizer, LSTMTextEncoder, TextError, TransformerTextEncoder
 
 TEXT_MODEL = [*TINY, "--text-encoder", "transformer", "--captions", "templates"]
@@ -54,6 +55,18 @@ def test_a_caption_that_cannot_be_read_is_refused_in_one_line(caption: str, reas
     with pytest.raises(TextError, match=reason) as error:
         CharTokenizer.from_captions(["a handwritten 7"], max_length=64)([caption])
     assert "\n" not in str(error.value)
+
+
+def test_a_splits_caption_in_characters_never_trained_on_is_scored_not_refused():
+    # Chinese captions of Tux Paint's stamps: a validation caption may use no character the training ones did.
+    config = CLIPConfig(
+        image_widths=(8, 16), text_hidden_dim=16, embed_dim=16, text_encoder="transformer", text_characters="abcdog "
+    )
+    model = CLIP(config).eval()
+    features, text_ids = embed_captions(model, ["a dog", "康乃馨", "a dog"])
+    assert features.shape == (3, 16) and torch.isfinite(features).all() and text_ids.tolist() == [0, 1, 0]
+    with pytest.raises(TextError, match="no character"):  # a user's query is still refused, saying why
+        embed_texts(model, ["康乃馨"])
 
 
 @pytest.mark.parametrize(
