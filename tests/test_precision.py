@@ -11,6 +11,7 @@ from test_train_inference import TINY
 
 import embeddings
 import inference
+import settings
 import train
 import utils
 from checkpoint import load_checkpoint
@@ -89,8 +90,8 @@ def test_an_explicit_precision_is_honoured_whatever_the_cpu(
 
 
 def test_no_amp_still_means_fp32(monkeypatch):
-    assert train.parse_args(["--no-amp"]).precision == "fp32"
-    assert train.parse_args([]).precision == "auto"
+    assert settings.parse_args(["--no-amp"]).precision == "fp32"
+    assert settings.parse_args([]).precision == "auto"
 
 
 def test_training_says_in_its_first_line_which_precision_auto_chose_and_why(runs_dir: Path, monkeypatch, capsys):

@@ -9,6 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+import settings  # noqa: E402
 import train  # noqa: E402
 from checkpoint import load_checkpoint, load_model  # noqa: E402
 from distributed import ONE_PROCESS  # noqa: E402
@@ -77,7 +78,7 @@ def test_a_locked_tower_keeps_the_folders_weights_and_its_checkpoint_runs_withou
 
 
 def test_a_locked_tower_stays_in_eval_mode_and_out_of_the_optimizer_but_for_its_unlocked_blocks(bert_folder: Path):
-    args = train.parse_args([*TINY, "--text-pretrained", str(bert_folder), "--lock-text"])
+    args = settings.parse_args([*TINY, "--text-pretrained", str(bert_folder), "--lock-text"])
     args.lock_text_unlocked_layers = 1
     task = train.TASKS["digits"](args)
     state, _ = train.new_run(args, train.model_config(args, task), 10, train.distributed.ONE_PROCESS)
@@ -121,7 +122,7 @@ def test_a_folder_that_lacks_a_part_is_named_in_one_line_and_no_run_is_written(
 )
 def test_settings_for_a_pretrained_tower_without_one_are_refused_with_usage(argv: list[str], message: str, capsys):
     with pytest.raises(SystemExit):
-        train.parse_args([*TINY, "--text-encoder", "transformer", *argv])
+        settings.parse_args([*TINY, "--text-encoder", "transformer", *argv])
     assert message in capsys.readouterr().err
 
 
@@ -138,7 +139,7 @@ def test_without_transformers_the_error_is_one_line_naming_the_install(bert_fold
 
 
 def test_a_locked_towers_caption_features_computed_once_are_what_it_reads_at_each_step(bert_folder: Path):
-    args = train.parse_args([*TINY, "--text-pretrained", str(bert_folder), "--lock-text"])
+    args = settings.parse_args([*TINY, "--text-pretrained", str(bert_folder), "--lock-text"])
     state, _ = train.new_run(args, train.model_config(args, train.TASKS["digits"](args)), 10, ONE_PROCESS)
     model = state.training_model.train()
     tokens = model.tokenize(["a handwritten seven", "the number 3", "zero"])

@@ -9,6 +9,7 @@ import torch
 from test_train_inference import TINY, flatten
 
 import labelled
+import settings
 import train
 from checkpoint import CheckpointError, load_checkpoint
 from clip import CLIP, clip_loss
@@ -142,7 +143,7 @@ def test_a_run_from_before_stroke_augmentation_resumes_without_it(runs_dir: Path
     del checkpoint["args"]["stroke"]  # as a checkpoint written before --stroke was saved
     torch.save(checkpoint, last)
     argv = ["--resume", str(last), "--device", "cpu"]
-    args, _, _ = train.resumed_settings(argv)
+    args, _, _ = settings.resumed_settings(argv)
     assert args.stroke == 0.0  # the run goes on as it was trained, whatever the default of the day
 
 

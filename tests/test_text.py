@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from test_train_inference import TINY
 
 import inference
+import settings
 import train
 from captions import (
     ANY,
@@ -267,17 +268,17 @@ def test_a_digit_model_asked_for_a_sentence_says_what_to_retrain(digits_checkpoi
 
 def test_the_digit_encoder_cannot_be_trained_on_sentences(capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(["--captions", "templates"])
+        settings.parse_args(["--captions", "templates"])
     assert "--text-encoder digit reads only the captions 0-9" in capsys.readouterr().err
 
 
 def test_attribute_captions_train_on_unrotated_unscaled_images_of_unchanged_strokes_unless_asked():
     # The captions state the slant, thickness and width of the image as it is.
-    args = train.parse_args(["--captions", "attributes", "--text-encoder", "transformer"])
+    args = settings.parse_args(["--captions", "attributes", "--text-encoder", "transformer"])
     assert (args.max_rotation, args.max_scale, args.stroke, args.max_shift) == (0.0, 0.0, 0.0, 2.0)
-    args = train.parse_args(["--captions", "attributes", "--text-encoder", "transformer", "--max-rotation", "5"])
+    args = settings.parse_args(["--captions", "attributes", "--text-encoder", "transformer", "--max-rotation", "5"])
     assert args.max_rotation == 5.0
-    assert train.parse_args(["--captions", "templates", "--text-encoder", "transformer"]).max_rotation == 10.0
+    assert settings.parse_args(["--captions", "templates", "--text-encoder", "transformer"]).max_rotation == 10.0
 
 
 def test_a_checkpoint_from_before_the_text_encoders_still_loads_and_classifies(tmp_path: Path):

@@ -8,6 +8,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import inference
+import settings
 import train
 from checkpoint import load_model
 from embeddings import class_embeddings, embed_images
@@ -102,7 +103,7 @@ def flatten(tree, prefix: str = "") -> dict:
 )
 def test_invalid_arguments_are_refused_with_usage(flag: str, value: str, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_args([flag, value])
+        settings.parse_args([flag, value])
     assert exit_info.value.code == 2
     assert "usage:" in capsys.readouterr().err
 
@@ -110,13 +111,13 @@ def test_invalid_arguments_are_refused_with_usage(flag: str, value: str, capsys)
 def test_garment_models_embed_images_with_their_mirror_images_and_digit_models_never():
     def model_of(argv: list[str]) -> bool:
         no_data = SimpleNamespace(train=SimpleNamespace(texts=[]), image_channels=1, class_captions=())
-        return train.model_config(train.parse_args(argv), no_data).image_mirror_average
+        return train.model_config(settings.parse_args(argv), no_data).image_mirror_average
 
     assert model_of(["--dataset", "fashion"]) and not model_of(["--dataset", "fashion", "--no-mirror-average"])
     assert not model_of([]) and not model_of(["--dataset", "digits"])  # a mirrored digit is another digit, or none
 
 
-@pytest.mark.parametrize("script", [train, inference])
+@pytest.mark.parametrize("script", [settings, inference])
 def test_device_cuda_without_cuda_is_refused_with_usage(script, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit) as exit_info:
@@ -159,5 +160,5 @@ def test_a_tool_run_by_its_old_name_says_in_one_line_where_it_went(old: str, new
 
 def test_the_old_name_of_the_photo_data_set_names_the_new_one(capsys):
     with pytest.raises(SystemExit):
-        train.parse_args(["--dataset", "captions"])
+        settings.parse_args(["--dataset", "captions"])
     assert "--dataset captions is now called --dataset photos" in capsys.readouterr().err

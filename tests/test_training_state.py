@@ -8,6 +8,7 @@ import torch
 from test_train_inference import TINY
 
 import labelled
+import settings
 import train
 from checkpoint import load_checkpoint
 from clip import CLIP, CLIPConfig
@@ -119,5 +120,5 @@ def test_the_validation_split_does_not_change_with_the_training_seed():
 )
 def test_decays_outside_their_range_are_refused_with_usage(flag: str, value: str, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train.parse_args([flag, value])
+        settings.parse_args([flag, value])
     assert exit_info.value.code == 2 and "usage:" in capsys.readouterr().err
