@@ -8,7 +8,7 @@ import labelled
 import train
 from clip import CLIP, CLIPConfig
 from dataset import load_splits
-from tools import benchmark
+from tools import benchmark, flops, runs
 
 TINY_DIGITS = ["--image-widths", "8,16", "--embed-dim", "16", "--batch-size", "128", "--epochs", "3"]
 
@@ -24,6 +24,14 @@ def test_training_speed_counts_every_epoch_trained_not_only_those_up_to_the_best
     trained_images = 3 * (len(splits.train) // 128) * 128  # three epochs of full batches
     assert run["train_images_per_second"] * run["train_seconds"] == pytest.approx(trained_images)
 
+    # The report says where that time went and what share of the machine's arithmetic the steps used.
+    peak = {"precision": "fp32", "nominal": None, "matmul_size": 64, "matmul_gflops": 100.0}
+    summary = {"default": benchmark.summarise([run], benchmark.LEVELS["mnist"])}
+    report = {"command": "python -m tools.benchmark", "machine": runs.machine("fp32"), "peak": peak, "summary": summary}
+    text = benchmark.markdown(report)
+    assert f"default: a step is {run['step_gflop']:.1f} GFLOP" in text
+    assert f"validation {run['validation_seconds']:.0f} s" in text
+
 
 def test_a_mirror_averaging_model_is_also_scored_seeing_each_image_once(monkeypatch):
     # A garment model's accuracy with mirror averaging is reported beside the way it was scored before.
@@ -37,3 +45,29 @@ def test_a_mirror_averaging_model_is_also_scored_seeing_each_image_once(monkeypa
     assert model.config.image_mirror_average  # as it was
     model.config.image_mirror_average = False
     assert "test_accuracy_one_view" not in benchmark.evaluate(model, test, "fp32")
+
+
+def test_a_steps_flops_are_its_convolutions_counted_by_hand_and_little_else():
+    # Widths (8, 16) on 28x28 digits: the stem (1 -> 8 channels at 28x28), the strided convolution (8 -> 16 at
+    # 14x14) and the residual block's two (16 -> 16 at 14x14), 2 FLOPs a multiply-add. Backward computes twice
+    # forward's, less the stem's gradient of the images, which nothing needs.
+    forward = 2 * 9 * (784 * 1 * 8 + 196 * 8 * 16 + 2 * 196 * 16 * 16)
+    per_image = 3 * forward - 2 * 9 * 784 * 8
+    test = load_splits("digits", "unused", val_size=300).test
+    model = CLIP(CLIPConfig(image_widths=(8, 16), embed_dim=16))
+    counted = flops.step_flops(model, test.images[:32], test.labels[:32], "fp32")
+    rest = counted - 32 * per_image  # the projections, the captions' layers and the logits
+    assert 0 < rest < counted / 100
+
+
+def test_the_nominal_peak_follows_the_vector_width_and_the_precision(monkeypatch):
+    monkeypatch.setattr(flops, "cpu_clock_ghz", lambda: 2.5)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    units = ["AVX2", "AVX-512", "AVX512_BF16"]
+    assert flops.nominal_peak("fp32", units, 2)["flops"] == 2 * 16 * 2 * 2 * 2.5e9
+    assert flops.nominal_peak("bf16", units, 2)["flops"] == 2 * 32 * 2 * 2 * 2.5e9
+    assert flops.nominal_peak("fp32", ["AVX2"], 2)["flops"] == 2 * 8 * 2 * 2 * 2.5e9
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # torch held to AVX2 uses 256-bit vectors
+    assert flops.nominal_peak("fp32", units, 2)["flops"] == 2 * 8 * 2 * 2 * 2.5e9
+    monkeypatch.setattr(flops, "cpu_clock_ghz", lambda: None)
+    assert flops.nominal_peak("fp32", units, 2) is None

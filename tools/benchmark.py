@@ -6,8 +6,9 @@ Measures, for the default training and the fast setting (`--epochs 1
 --batch-size 128 --lr 5e-3`), several seeded runs each: the time to reach 98%,
 99% and 99.5% zero-shot accuracy on the validation split, the final test
 accuracy, image retrieval by cosine over the full test split (precision@5, mAP
-and the share of test images that any top-5 list finds), and training and
-inference throughput, and for MNIST the accuracy on scikit-learn's digits
+and the share of test images that any top-5 list finds), training and
+inference throughput, where the training time goes (the steps alone, validation, the rest) and the FLOP/s a
+step achieves against the CPU's peak (tools/flops.py), and for MNIST the accuracy on scikit-learn's digits
 converted as users' pictures (pictures.py). Then it trains the reference recipe (owenliang/mnist-clip:
 a 6k-parameter encoder, embedding size 8, raw dot-product logits, ten images of
 distinct digits per step, Adam 1e-3) for the default run's median training time,
@@ -35,12 +36,13 @@ from dataset import Split, Splits, load_splits, normalize
 from embeddings import embed_images, zero_shot_accuracy
 from metrics import image_retrieval
 from pictures import load_user_style_digits, score_user_style
-from tools import runs
+from tools import flops, runs
 from utils import PRECISIONS, pick_device, positive_int, resolve_precision
 
 # The validation accuracies whose time to reach each recipe reports, per data set.
 LEVELS = {"mnist": (0.98, 0.99, 0.995), "fashion": (0.90, 0.93, 0.945)}
 SETTINGS = {"default": [], "fast": ["--epochs", "1", "--batch-size", "128", "--lr", "5e-3"]}
+MATMUL_SIZE = 2048  # of the matrix product that measures what the machine's arithmetic reaches
 
 
 # The reference recipe -----------------------------------------------------------------
@@ -204,7 +206,29 @@ def measure(run_dir: Path, result: dict, test, precision: str, users: Split | No
     }
     if users is not None:
         run["user_style_accuracy"] = score_user_style(model, users, precision)["accuracy"]
-    return run
+    return run | where_time_goes(model, state, trained_steps, result["train_seconds"], test, precision)
+
+
+def where_time_goes(model: nn.Module, state: dict, steps: int, train_seconds: float, test, precision: str) -> dict:
+    """The arithmetic of the run's steps and the FLOP/s it achieved, and its training time split three ways: its
+    steps timed alone on one batch in memory, its validations (each epoch scores --val-size images; timed here on as
+    many test images), and the rest: data, augmentation, the weights' average, Python, checkpoints."""
+    batch = int(state["args"]["batch_size"])
+    images, labels = test.images[:batch], test.labels[:batch]
+    step_flops = flops.step_flops(model, images, labels, precision)
+    val_size = int(state["args"]["val_size"])
+    start = time.perf_counter()
+    zero_shot_accuracy(model, test.images[:val_size], test.labels[:val_size], precision)
+    one_validation = time.perf_counter() - start
+    steps_alone = steps * flops.step_seconds(model, images, labels, precision)
+    validation = int(state["args"]["epochs"]) * one_validation
+    return {
+        "step_gflop": step_flops / 1e9,
+        "achieved_gflops": step_flops * steps / train_seconds / 1e9,
+        "steps_alone_seconds": steps_alone,
+        "validation_seconds": validation,
+        "other_seconds": train_seconds - steps_alone - validation,
+    }
 
 
 def summarise(runs: list[dict], levels: tuple[float, ...]) -> dict:
@@ -229,6 +253,11 @@ def summarise(runs: list[dict], levels: tuple[float, ...]) -> dict:
         "test_accuracy_one_view_mean": statistics.mean(run["test_accuracy_one_view"] for run in runs)
         if "test_accuracy_one_view" in runs[0]
         else None,
+        # Where the time goes (tools/flops.py): the project's runs only.
+        **{
+            f"median_{key}": median(key) if key in runs[0] else None
+            for key in ("step_gflop", "achieved_gflops", "steps_alone_seconds", "validation_seconds", "other_seconds")
+        },
     }
 
 
@@ -286,6 +315,7 @@ def markdown(report: dict) -> str:
             if s["test_accuracy_one_view_mean"] is not None
         ),
     ]
+    lines += time_lines(report)
     if "comparison" in report:
         c = report["comparison"]
         lines.append(
@@ -295,6 +325,32 @@ def markdown(report: dict) -> str:
         )
         lines.append(shared_sentence(c))
     return "\n".join([*lines, ""])
+
+
+def time_lines(report: dict) -> list[str]:
+    """Where each recipe's training time goes, and how much of the CPU's arithmetic its steps use."""
+    peak = report["peak"]
+    nominal = peak["nominal"]
+    lines = [
+        "",
+        f"The machine's limit in {peak['precision']}: a {peak['matmul_size']}² matrix product reaches "
+        f"{peak['matmul_gflops']:,.0f} GFLOP/s"
+        + (f"; the nominal peak is {nominal['flops'] / 1e9:,.0f} GFLOP/s ({nominal['formula']})." if nominal else "."),
+    ]
+    for name, s in report["summary"].items():
+        if s["median_step_gflop"] is None:
+            continue
+        achieved = s["median_achieved_gflops"]
+        share = f", {achieved * 1e9 / nominal['flops']:.0%} of the nominal peak" if nominal else ""
+        of_matmul = achieved / peak["matmul_gflops"]
+        lines.append(
+            f"{name}: a step is {s['median_step_gflop']:.1f} GFLOP (forward and backward); over its whole training "
+            f"time the run achieves {achieved:,.0f} GFLOP/s, {of_matmul:.0%} of the matrix product's"
+            f"{share}. Of its {s['median_train_seconds']:.0f} s: the steps alone (one batch in memory) "
+            f"{s['median_steps_alone_seconds']:.0f} s, validation {s['median_validation_seconds']:.0f} s, the rest "
+            f"(data, augmentation, the weights' average, Python, checkpoints) {s['median_other_seconds']:.0f} s."
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -332,9 +388,18 @@ def main(argv: list[str] | None = None) -> dict:
             results[setting] = [
                 run_project(setting, seed, args, Path(runs_dir), test, precision, users) for seed in range(args.runs)
             ]
+    machine = runs.machine(why)
     report = {
         "command": " ".join(["python -m tools.benchmark", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": runs.machine(why),
+        "machine": machine,
+        "peak": {
+            "precision": precision,
+            "nominal": flops.nominal_peak(precision, machine["cpu_vector_units"], machine["cores"])
+            if device.type == "cpu"
+            else None,
+            "matmul_size": MATMUL_SIZE,
+            "matmul_gflops": flops.matmul_peak(precision, device, MATMUL_SIZE) / 1e9,
+        },
     }
     if "reference" in args.recipes:
         results["reference"] = measure_reference(

@@ -42,6 +42,7 @@ def machine(precision_why: str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
+        "precision": precision_why,
     }
 
 
