@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from photo_files import load_collection
-from tools import tuxpaint
+from tools import benchmark_tuxpaint, tuxpaint
 
 REAL_STAMPS = Path("/usr/share/tuxpaint/stamps")
 HAS_RSVG = shutil.which(tuxpaint.SVG_RENDERER) is not None
@@ -220,3 +220,22 @@ def test_real_stamps() -> None:
     assert {"animals", "food", "vehicles"} <= {stamp.topic for stamp in found.stamps}
     assert all(not stamp.name.endswith("_mirror") for stamp in found.stamps) and found.mirrors
     assert {"en", "zh_CN", "fr"} <= set(found.languages())
+
+
+def test_the_benchmarks_chance_is_that_of_a_random_ranking_of_its_test_split(tmp_path: Path) -> None:
+    # tools/benchmark_tuxpaint.py reports its rows beside chance: R@K = K/N both ways for N test pictures (at most
+    # 1), and for topics, the share of the test split that its largest topic holds.
+    for index in range(30):
+        topic = "animals" if index < 20 else "food"
+        picture = Image.new("RGB", (4, 4), (index, 0, 0))
+        write_stamp(tmp_path / "stamps" / topic, f"s{index}", picture, f"Stamp {index}.")
+    built = run(tmp_path / "stamps", tmp_path / "out")
+    captions_file = built.output / tuxpaint.CAPTIONS_FILE
+    test = load_collection(captions_file, 8, tmp_path / "cache").test
+    topic_of = {entry["image_path"]: entry["topic"] for entry in built.entries}
+    largest = max(sum(topic_of[file] == topic for file in test.files) for topic in ("animals", "food"))
+
+    pictures, rsum, topic_chance = benchmark_tuxpaint.chance(captions_file, tmp_path / "cache")
+    assert pictures == len(test) == 3  # 10% of 30
+    assert rsum == pytest.approx(2 * (1 / 3 + 1 + 1) * 100)
+    assert topic_chance == pytest.approx(100 * largest / 3)
