@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_model
-from embeddings import embed_images, embed_texts
+from embeddings import embed_images
 from metrics import zero_shot_classification
 from photo_files import load_collection
 from tools import runs, tuxpaint
@@ -107,9 +107,7 @@ def topic_accuracy(checkpoint: Path, captions_file: Path, cache_dir: Path, langu
     test = load_collection(captions_file, model.config.image_size, cache_dir).test
     topic_of = {entry["image_path"]: entry["topic"] for entry in json.loads(captions_file.read_text())}
     topics = sorted({topic_of[file] for file in test.files})
-    classes = torch.stack(
-        [torch.nn.functional.normalize(embed_texts(model, topic_captions(t, language)).mean(0), dim=0) for t in topics]
-    )
+    classes = model.encode_classes(tuple(tuple(topic_captions(topic, language)) for topic in topics))
     labels = torch.tensor([topics.index(topic_of[file]) for file in test.files])
     images = embed_images(model, test.images, precision)
     return zero_shot_classification(images, classes, labels.to(images.device))["top1_accuracy"]

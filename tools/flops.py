@@ -32,21 +32,22 @@ def class_batch(model: CLIP, labels: torch.Tensor) -> tuple[torch.Tensor, torch.
     return tokens, labels[:, None] == torch.arange(len(captions), device=labels.device)[None, :]
 
 
-def training_step(model: CLIP, images: torch.Tensor, labels: torch.Tensor, precision: str) -> torch.Tensor:
-    """Forward and backward of one step of `images` (uint8, as the data set holds them) against the class captions."""
-    tokens, positives = class_batch(model, labels)
+def training_step(
+    model: CLIP, images: torch.Tensor, tokens: torch.Tensor, positives: torch.Tensor, precision: str
+) -> None:
+    """Forward and backward of one step of `images` (uint8, as the data set holds them) against the captions'
+    `tokens`, tokenized once before the steps as train.py does."""
     with autocast(images.device, precision):
         logits = model(model_input(images), tokens)
-    loss = clip_loss(logits, positives)
-    loss.backward()
-    return loss
+    clip_loss(logits, positives).backward()
 
 
 def step_flops(model: CLIP, images: torch.Tensor, labels: torch.Tensor, precision: str) -> int:
     """FLOPs of one training step's forward and backward pass on the batch `images` (a copy of `model` takes it)."""
     model = copy.deepcopy(model).train()
+    tokens, positives = class_batch(model, labels)
     with FlopCounterMode(display=False) as counter:
-        training_step(model, images, labels, precision)
+        training_step(model, images, tokens, positives, precision)
     return counter.get_total_flops()
 
 
@@ -55,11 +56,12 @@ def step_seconds(model: CLIP, images: torch.Tensor, labels: torch.Tensor, precis
     warm-up: the step with nothing around it. The weights are laid out channels last, as train.py trains them."""
     model = copy.deepcopy(model).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    tokens, positives = class_batch(model, labels)
     times = []
     for _ in range(repeats + 2):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        training_step(model, images, labels, precision)
+        training_step(model, images, tokens, positives, precision)
         optimizer.step()
         if images.device.type == "cuda":  # a GPU runs the step after the call returns
             torch.cuda.synchronize()
