@@ -266,9 +266,11 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         for language in args.languages:
-            built = tuxpaint.main(
-                ["--output", str(work / language), "--stamps-dir", str(args.stamps_dir), "--language", language]
-            )
+            try:
+                built = tuxpaint.build(args.stamps_dir, work / language, [language])
+            except tuxpaint.StampsError as error:  # the stamps are not installed, or not where --stamps-dir says
+                raise SystemExit(f"error: {error}") from None
+            print(tuxpaint.summary(built))
             captions_file = built.output / tuxpaint.CAPTIONS_FILE
             report["test_pictures"], report["chance_rsum"], report["chance_topic"] = chance(
                 captions_file, work / "cache"
