@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 
 import labelled
+import recipes
+import settings
 import train
 from clip import CLIP, CLIPConfig
 from dataset import load_splits
@@ -71,3 +73,22 @@ def test_the_nominal_peak_follows_the_vector_width_and_the_precision(monkeypatch
     assert flops.nominal_peak("fp32", units, 2)["flops"] == 2 * 8 * 2 * 2 * 2.5e9
     monkeypatch.setattr(flops, "cpu_clock_ghz", lambda: None)
     assert flops.nominal_peak("fp32", units, 2) is None
+
+
+def test_the_previous_default_is_mnists_recipe_before_the_five_stages():
+    # The benchmark times today's default beside the one before it: its flags must train that recipe exactly.
+    before = settings.parse_args(benchmark.SETTINGS["previous-default"])
+    now = settings.parse_args([])
+    assert {name: getattr(before, name) for name in recipes.FOUR_STAGES} == recipes.FOUR_STAGES
+    differing = {name for name in vars(now) if getattr(now, name) != getattr(before, name)}
+    assert differing == set(recipes.FOUR_STAGES)
+
+
+def test_the_report_gives_the_defaults_time_as_a_share_of_the_previous_ones():
+    summary = {
+        "default": {"median_train_seconds": 150.0, "test_accuracy_mean": 0.9961},
+        "previous-default": {"median_train_seconds": 320.0, "test_accuracy_mean": 0.9963},
+    }
+    sentence = benchmark.speed_up_sentence(summary)
+    assert sentence.startswith("The default trains in 47% of the previous default's time (150 s against 320 s")
+    assert "99.61% test accuracy against 99.63%" in sentence
