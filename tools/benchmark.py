@@ -36,17 +36,28 @@ from dataset import Split, Splits, load_splits, normalize
 from embeddings import embed_images, zero_shot_accuracy
 from metrics import image_retrieval
 from pictures import load_user_style_digits, score_user_style
+from recipes import FOUR_STAGES
 from tools import flops, runs
 from utils import PRECISIONS, pick_device, positive_int, resolve_precision
 
 # The validation accuracies whose time to reach each recipe reports, per data set.
 LEVELS = {"mnist": (0.98, 0.99, 0.995), "fashion": (0.90, 0.93, 0.945)}
+
+
+def as_flags(settings: dict) -> list[str]:
+    """train.py's flags for `settings`: {"image_widths": (16, 32)} -> ["--image-widths", "16,32"]."""
+    flags = []
+    for name, value in settings.items():
+        flags += [f"--{name.replace('_', '-')}", ",".join(map(str, value)) if isinstance(value, tuple) else str(value)]
+    return flags
+
+
 # The recipes a run of the benchmark trains: the default, the fast setting, and for MNIST the default before
-# this one (recipes.FOUR_STAGES), so that the two are timed side by side on the same machine.
+# this one, so that the two are timed side by side on the same machine.
 SETTINGS = {
     "default": [],
     "fast": ["--image-widths", "8,16,32,64", "--epochs", "2", "--batch-size", "256", "--lr", "7e-3"],
-    "previous-default": ["--image-widths", "16,32,64,128", "--epochs", "14", "--batch-size", "512", "--lr", "3e-3"],
+    "previous-default": as_flags(FOUR_STAGES),
 }
 MATMUL_SIZE = 2048  # of the matrix product that measures what the machine's arithmetic reaches
 
@@ -386,7 +397,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--recipes",
         nargs="+",
         choices=(*SETTINGS, "reference"),
-        help="what to measure (the reference needs default's time; previous-default is MNIST's) [default: all]",
+        help="what to measure (reference needs default; previous-default: MNIST's) [default: all that apply]",
     )
     args = p.parse_args(argv)
     if args.recipes is None:
