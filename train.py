@@ -138,8 +138,10 @@ def new_run(
         history=[],
         training_model=model,
         optimizer=optimizer,
+        # A quarter of the steps warm up. OneCycleLR divides by the warm-up's steps less one: for a run of four
+        # steps (the digits' 1,137 images in batches of 256, one epoch) that is zero, so half of them warm up.
         scheduler=torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=args.lr, total_steps=total_steps, pct_start=0.25
+            optimizer, max_lr=args.lr, total_steps=total_steps, pct_start=0.25 if total_steps != 4 else 0.5
         ),
         rng=RandomState(device, args.seed, process),
         epoch_loss_sum=torch.zeros((), device=device),

@@ -83,6 +83,12 @@ def test_each_checkpoint_key_holds_the_weights_it_names(runs_dir: Path, monkeypa
     assert saved["optimizer"]["state"][0]["step"] == saved["step"] == 8
 
 
+def test_a_run_of_four_steps_trains(runs_dir: Path):
+    # A quarter of four steps is one: the one-cycle schedule's warm-up would be zero steps long.
+    result = train.main([*TINY, "--batch-size", "256", "--epochs", "1", "--runs-dir", str(runs_dir)])
+    assert load_checkpoint(result["run_dir"] / "last.pt")["step"] == 4
+
+
 def test_best_pt_is_the_best_validation_epoch_and_the_test_accuracy_comes_from_it(runs_dir: Path, monkeypatch):
     validation_scores, scored = iter([0.5, 0.9, 0.7]), []
     real_accuracy = labelled.zero_shot_accuracy
