@@ -191,9 +191,11 @@ class CLIP(nn.Module):
         self.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
 
-def clip_loss(logits_per_image: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE over B images and B captions; positives[i, j] says whether caption j
-    describes image i.
+def clip_loss(
+    logits_per_image: torch.Tensor, positives: torch.Tensor, drawn: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Symmetric InfoNCE over B images and the B captions they drew; logits_per_image: (B, T), each
+    image against each caption; positives[i, t] says whether caption t describes image i.
 
     MNIST has ten classes, so a batch holds many images of the same digit. Plain CLIP
     targets (the diagonal) would push an image away from every other caption of its own
@@ -201,8 +203,19 @@ def clip_loss(logits_per_image: torch.Tensor, positives: torch.Tensor) -> torch.
     image's target is spread evenly over the captions that describe it, and a caption's
     over the images it describes. Where each caption describes its own image alone, the
     target is the diagonal and this is CLIP's loss exactly.
+
+    A caption that several images drew is scored once: drawn[t] says how many images drew caption t
+    (None: one each, T = B), and the loss is that of the (B, B) logits in which it appears drawn[t]
+    times. MNIST's batch of 1024 then costs a (1024, 10) matrix instead of a (1024, 1024) one.
     """
-    positives, logits = positives.float(), logits_per_image.float()
-    image_to_text = F.cross_entropy(logits, positives / positives.sum(dim=1, keepdim=True))
-    text_to_image = F.cross_entropy(logits.T, positives.T / positives.T.sum(dim=1, keepdim=True))
-    return (image_to_text + text_to_image) / 2
+    logits, positives = logits_per_image.float(), positives.float()
+    drawn = torch.ones(logits.shape[1], device=logits.device) if drawn is None else drawn.float()
+    # Image to text: a softmax over the B captions, in which caption t appears drawn[t] times (log 0 = -inf:
+    # a caption encoded but drawn by none is no candidate), the target spread over those that describe the image.
+    weights = positives * drawn
+    image_to_text = torch.logsumexp(logits + drawn.log(), dim=1) - (weights * logits).sum(1) / weights.sum(1)
+    # Text to image: for each caption, a softmax over the images, the target spread over those it describes;
+    # each caption counts as often as it was drawn.
+    per_caption = torch.logsumexp(logits, dim=0) - (positives * logits).sum(0) / positives.sum(0).clamp(min=1)
+    text_to_image = (drawn * per_caption).sum() / drawn.sum()
+    return (image_to_text.mean() + text_to_image) / 2

@@ -176,7 +176,7 @@ def train_one_epoch(loop: Loop, state: RunState, average: MovingAverage, task: T
         )
         with autocast(args.device, loop.precision):
             features = loop.model(model_input(images), texts, features=True)
-        loss, logits = batch_loss(*features, column, positives, loop.process)
+        loss, hits = batch_loss(*features, column, positives, loop.process)
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         state.optimizer.step()
@@ -189,8 +189,7 @@ def train_one_epoch(loop: Loop, state: RunState, average: MovingAverage, task: T
         loop.watch.update(whole_batch_loss, state.step)
         if state.step % args.log_interval == 0:  # .item() waits for the device: only at log steps
             loop.watch.check(loop.run_dir / "last.pt")
-            mine_positives = distributed.shard(positives, loop.process)  # (b, B): this process's images' rows
-            batch_accuracy = mine_positives.gather(1, logits.argmax(dim=1, keepdim=True)).float().mean().item()
+            batch_accuracy = hits.float().mean().item()
             progress.set_postfix(loss=f"{whole_batch_loss.item():.4f}", acc=f"{batch_accuracy:.3f}")
             loop.writer.add_scalar("train/loss", whole_batch_loss.item(), state.step)
             loop.writer.add_scalar("train/lr", state.scheduler.get_last_lr()[0], state.step)
@@ -221,13 +220,20 @@ def batch_loss(
     positives: torch.Tensor,
     process: Process,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """This process's loss of the batch, and its (b, B) logits of its images against every caption. image_features:
-    (b, D), text_features: (T, D) of the captions encoded, column: (b,) which of them each image drew."""
+    """This process's loss of the batch, and for each of its images whether the caption it scores highest
+    describes it. image_features: (b, D), text_features: (T, D) of the captions encoded, column: (b,) which of
+    them each image drew, positives: (B, B) whether image j's caption describes image i."""
     if process.is_distributed:  # each image's caption, so that every process gathers b of them
-        return local_clip_loss(image_features, text_features[column], scale, positives, process)
-    # fp32 outside autocast, as CLIP.forward computes logits
-    logits = (scale * image_features @ text_features.T)[:, column]
-    return clip_loss(logits, positives), logits
+        loss, logits = local_clip_loss(image_features, text_features[column], scale, positives, process)
+        return loss, distributed.shard(positives, process).gather(1, logits.argmax(dim=1, keepdim=True))
+    drawn = torch.bincount(column, minlength=len(text_features))  # (T,) how many images drew each caption
+    # Images that drew the same caption have the same column of positives: one of them stands for it (an
+    # undrawn caption, drawn 0 times, takes any).
+    one_each = torch.zeros_like(drawn).scatter_(0, column, torch.arange(len(column), device=column.device))
+    described = positives[:, one_each]  # (B, T): whether caption t describes image i
+    logits = scale * image_features @ text_features.T  # fp32 outside autocast, as CLIP.forward computes logits
+    best = (logits + drawn.log()).argmax(dim=1, keepdim=True)  # the highest-scoring caption that was drawn
+    return clip_loss(logits, described, drawn), described.gather(1, best)
 
 
 def validate(loop: Loop, state: RunState, task: Task, seconds: float) -> None:

@@ -6,7 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import train
 from clip import CLIP, MAX_LOGIT_SCALE, CLIPConfig, clip_loss
+from distributed import ONE_PROCESS
 from text_encoder import DIGIT_CAPTIONS
 
 SMALL = CLIPConfig(image_widths=(8, 16), image_blocks_per_stage=1, text_hidden_dim=16, embed_dim=12)
@@ -151,3 +153,27 @@ def test_loss_spreads_each_direction_over_what_describes_what():
     image_to_text = -(log_p_rows[0, 0] + (log_p_rows[1, 0] + log_p_rows[1, 1]) / 2) / 2
     text_to_image = -((log_p_columns[0, 0] + log_p_columns[1, 0]) / 2 + log_p_columns[1, 1]) / 2
     assert clip_loss(logits, positives).item() == pytest.approx(((image_to_text + text_to_image) / 2).item(), rel=1e-6)
+
+
+def test_a_caption_drawn_by_several_images_is_scored_once_with_the_loss_of_the_whole_batch():
+    # Twelve images of four digits drew captions 0, 1 and 3 of five encoded; caption 2 and caption 4 were drawn by
+    # none (a GPU encodes every caption). Scoring each caption once, weighted by how many drew it, must give the
+    # loss, gradients and batch accuracy of the (12, 12) logits of every image against every image's caption.
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1, 3, 3, 0, 1, 1, 3, 0, 3, 1, 0])
+    column = labels.clone()  # caption t states digit t
+    positives = same_digit(labels)
+    images = torch.randn(12, 6, generator=generator, requires_grad=True)
+    texts = torch.randn(5, 6, generator=generator, requires_grad=True)
+    scale = torch.tensor(7.0)
+
+    loss, hits = train.batch_loss(images, texts, scale, column, positives, ONE_PROCESS)
+    gradients = torch.autograd.grad(loss, (images, texts))
+    whole_batch = scale * images @ texts[column].T  # (12, 12)
+    expected = clip_loss(whole_batch, positives)
+    expected_gradients = torch.autograd.grad(expected, (images, texts))
+
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert all(torch.allclose(g, e, atol=1e-6) for g, e in zip(gradients, expected_gradients, strict=True))
+    assert torch.equal(hits[:, 0], positives.gather(1, whole_batch.argmax(dim=1, keepdim=True))[:, 0])
+    assert 0 < hits.sum() < 12  # some images score another digit's caption highest: the check above can fail

@@ -87,10 +87,10 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_good_check
 ):
     calls = 0
 
-    def nan_loss_once(logits, positives):
+    def nan_loss_once(logits, positives, drawn):
         nonlocal calls
         calls += 1
-        loss = clip_loss(logits, positives)
+        loss = clip_loss(logits, positives, drawn)
         return loss * float("nan") if calls == bad_step else loss
 
     monkeypatch.setattr(train, "clip_loss", nan_loss_once)

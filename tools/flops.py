@@ -24,30 +24,30 @@ from dataset import model_input
 from utils import autocast
 
 
-def class_batch(model: CLIP, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A labelled batch as a training step sees it: the tokens of each class's first caption, and which of them
-    describes which image."""
+def class_batch(model: CLIP, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A labelled batch as a training step sees it: the tokens of each class's first caption, which of them
+    describes which image, and how many images drew each (its own class's)."""
     captions = [captions_of_class[0] for captions_of_class in model.config.class_captions]
     tokens = model.tokenize(captions).to(labels.device)
-    return tokens, labels[:, None] == torch.arange(len(captions), device=labels.device)[None, :]
+    positives = labels[:, None] == torch.arange(len(captions), device=labels.device)[None, :]
+    return tokens, positives, torch.bincount(labels, minlength=len(captions))
 
 
-def training_step(
-    model: CLIP, images: torch.Tensor, tokens: torch.Tensor, positives: torch.Tensor, precision: str
-) -> None:
-    """Forward and backward of one step of `images` (uint8, as the data set holds them) against the captions'
-    `tokens`, tokenized once before the steps as train.py does."""
+def training_step(model: CLIP, images: torch.Tensor, batch: tuple[torch.Tensor, ...], precision: str) -> None:
+    """Forward and backward of one step of `images` (uint8, as the data set holds them) against the captions of
+    `batch` (class_batch), tokenized once before the steps as train.py does."""
+    tokens, positives, drawn = batch
     with autocast(images.device, precision):
         logits = model(model_input(images), tokens)
-    clip_loss(logits, positives).backward()
+    clip_loss(logits, positives, drawn).backward()
 
 
 def step_flops(model: CLIP, images: torch.Tensor, labels: torch.Tensor, precision: str) -> int:
     """FLOPs of one training step's forward and backward pass on the batch `images` (a copy of `model` takes it)."""
     model = copy.deepcopy(model).train()
-    tokens, positives = class_batch(model, labels)
+    batch = class_batch(model, labels)
     with FlopCounterMode(display=False) as counter:
-        training_step(model, images, tokens, positives, precision)
+        training_step(model, images, batch, precision)
     return counter.get_total_flops()
 
 
@@ -56,12 +56,12 @@ def step_seconds(model: CLIP, images: torch.Tensor, labels: torch.Tensor, precis
     warm-up: the step with nothing around it. The weights are laid out channels last, as train.py trains them."""
     model = copy.deepcopy(model).to(memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
-    tokens, positives = class_batch(model, labels)
+    batch = class_batch(model, labels)
     times = []
     for _ in range(repeats + 2):
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        training_step(model, images, tokens, positives, precision)
+        training_step(model, images, batch, precision)
         optimizer.step()
         if images.device.type == "cuda":  # a GPU runs the step after the call returns
             torch.cuda.synchronize()
