@@ -1,4 +1,5 @@
-"""Every command that README.md and README.zh.md show names only flags its script has."""
+"""Every command that README.md and README.zh.md show names only flags its script has, and their flags tables give
+MNIST's defaults as train.py has them."""
 
 import argparse
 import importlib
@@ -62,3 +63,22 @@ def test_each_flag_of_a_readme_command_exists(readme: str, script: str, rest: st
     flags = flags_of(script, monkeypatch)
     named = {word.split("=")[0] for word in rest.split() if word.startswith("--")}
     assert named <= flags, f"{readme}: python {script} {rest.strip()} names {sorted(named - flags)}"
+
+
+@pytest.mark.parametrize("readme", READMES)
+def test_the_flags_table_gives_mnist_s_defaults_as_train_py_has_them(readme: str):
+    # The table's first default of each of these rows is MNIST's recipe: a recipe change must change the table too.
+    import settings
+
+    args = settings.parse_args([])
+    shown = {  # the row's flags (the Chinese README joins them with "、"), and what its default cell starts with
+        "`--epochs`": str(args.epochs),
+        "`--batch-size`(?:, |、)`--lr`": f"{args.batch_size}, {args.lr:.0e}".replace("e-0", "e-"),
+        "`--image-widths`": ",".join(map(str, args.image_widths)),
+    }
+    text = (REPO / readme).read_text(encoding="utf-8")
+    for flags, default in shown.items():
+        row = re.search(rf"^\| {flags} \| ([^|（(]+)", text, re.MULTILINE)
+        assert row is not None, f"{readme} has no flags-table row for {flags}"
+        cell = row.group(1).strip().replace("、", ", ")
+        assert cell == default, f"{readme}: {flags} shows {cell!r}, train.py has {default}"
