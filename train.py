@@ -124,6 +124,10 @@ def new_run(
     except ValueError as error:
         raise SystemExit(f"error: {error}: lower --lock-image-unlocked-groups or --lock-text-unlocked-layers") from None
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr)
+    # A quarter of the steps warm up. OneCycleLR divides by the warm-up's steps less one, zero where the warm-up is
+    # a single step (a run of four: the digits' 1,137 images in batches of 256, one epoch): such a run warms up twice
+    # as long.
+    warm_up = 0.25
     average = MovingAverage(model, args.ema_decay)
     state = RunState(
         model=average.model,
@@ -138,10 +142,11 @@ def new_run(
         history=[],
         training_model=model,
         optimizer=optimizer,
-        # A quarter of the steps warm up. OneCycleLR divides by the warm-up's steps less one: for a run of four
-        # steps (the digits' 1,137 images in batches of 256, one epoch) that is zero, so half of them warm up.
         scheduler=torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=args.lr, total_steps=total_steps, pct_start=0.25 if total_steps != 4 else 0.5
+            optimizer,
+            max_lr=args.lr,
+            total_steps=total_steps,
+            pct_start=warm_up if warm_up * total_steps != 1 else 2 * warm_up,
         ),
         rng=RandomState(device, args.seed, process),
         epoch_loss_sum=torch.zeros((), device=device),
@@ -226,7 +231,9 @@ def batch_loss(
     if process.is_distributed:  # each image's caption, so that every process gathers b of them
         loss, logits = local_clip_loss(image_features, text_features[column], scale, positives, process)
         return loss, distributed.shard(positives, process).gather(1, logits.argmax(dim=1, keepdim=True))
-    drawn = torch.bincount(column, minlength=len(text_features))  # (T,) how many images drew each caption
+    # (T,) how many images drew each caption; torch.bincount would wait for a GPU to learn its output's size.
+    drawn = torch.zeros(len(text_features), dtype=column.dtype, device=column.device)
+    drawn.scatter_add_(0, column, torch.ones_like(column))
     # Images that drew the same caption have the same column of positives: one of them stands for it (an
     # undrawn caption, drawn 0 times, takes any).
     one_each = torch.zeros_like(drawn).scatter_(0, column, torch.arange(len(column), device=column.device))

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import settings
+
 REPO = Path(__file__).resolve().parent.parent
 READMES = ("README.md", "README.zh.md")
 # `python X ...` or `torchrun ... train.py ...`, up to the end of the command.
@@ -68,8 +70,6 @@ def test_each_flag_of_a_readme_command_exists(readme: str, script: str, rest: st
 @pytest.mark.parametrize("readme", READMES)
 def test_the_flags_table_gives_mnist_s_defaults_as_train_py_has_them(readme: str):
     # The table's first default of each of these rows is MNIST's recipe: a recipe change must change the table too.
-    import settings
-
     args = settings.parse_args([])
     shown = {  # the row's flags (the Chinese README joins them with "、"), and what its default cell starts with
         "`--epochs`": str(args.epochs),
